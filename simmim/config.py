@@ -1,0 +1,158 @@
+"""Recipes: YAML files under ``recipes/<kind>/`` picked with ``recipe=NAME`` and overridden with ``key=value``.
+
+A recipe may start from another one with ``base: NAME`` (same folder); its keys are merged over the base's.
+Every override must name a key the recipe has (``trainer.*`` takes any argument of ``lightning.Trainer``), and
+a value must keep the type of the recipe's value. Errors name the key and what to do instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+__all__ = ["RecipeError", "recipes_dir", "available_recipes", "load_recipe", "save_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe or an override that cannot work; the message says what to change."""
+
+
+def recipes_dir() -> Path:
+    """``$SIMMIM_RECIPES`` or the ``recipes/`` folder shipped beside the package."""
+    env = os.environ.get("SIMMIM_RECIPES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def available_recipes(kind: str) -> list[str]:
+    folder = recipes_dir() / kind
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _read(kind: str, name: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else recipes_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        names = available_recipes(kind)
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise RecipeError(
+            f"no {kind} recipe {name!r} (looked for {path}). Available: {', '.join(names) or 'none'}"
+            + (f". Did you mean recipe={hint[0]}?" if hint else "")
+        )
+    if name in seen:
+        raise RecipeError(f"recipe {name!r} is its own base ({' -> '.join(seen + (name,))})")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers
+        raise RecipeError(f"cannot parse recipe {path}: {e}") from e
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"recipe {path} must be a mapping of keys to values")
+    base = cfg.pop("base", None)
+    if base:
+        cfg = OmegaConf.merge(_read(kind, str(base), seen + (name,)), cfg)
+    return cfg
+
+
+def _trainer_args() -> set[str]:
+    import pytorch_lightning as pl
+
+    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def _check_type(key: str, old: Any, new: Any) -> None:
+    if old is None or new is None:
+        return
+    ok = True
+    if isinstance(old, bool):
+        ok = isinstance(new, bool)
+    elif isinstance(old, int):
+        ok = isinstance(new, int) and not isinstance(new, bool)
+    elif isinstance(old, float):
+        ok = isinstance(new, (int, float)) and not isinstance(new, bool)
+    elif isinstance(old, str):
+        ok = isinstance(new, (str, int, float))  # a path or name given as a number is still text
+    elif isinstance(old, (list, ListConfig)):
+        ok = isinstance(new, (list, ListConfig))
+    if not ok:
+        raise RecipeError(
+            f"{key}={new!r} has the wrong type: the recipe's value is {old!r} ({type(old).__name__}); "
+            f"give a {type(old).__name__}"
+        )
+
+
+def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.extend(_leaf_keys(v, full + ".") if isinstance(v, DictConfig) else [full])
+    return keys
+
+
+def load_recipe(kind: str, args: Sequence[str], default: str = "quickstart") -> DictConfig:
+    """Parse ``recipe=NAME key=value ...`` into the resolved recipe; raises :class:`RecipeError`."""
+    name = default
+    overrides: list[str] = []
+    for arg in args:
+        if "=" not in arg:
+            raise RecipeError(
+                f"argument {arg!r} is not key=value. Use recipe=NAME and key=value overrides, "
+                f"e.g. recipe={default} data.batch_size=32"
+            )
+        key, value = arg.split("=", 1)
+        if key.lstrip("+") == "recipe":
+            name = value
+        else:
+            overrides.append(arg)
+    cfg = _read(kind, name)
+    known = _leaf_keys(cfg)
+    trainer_args = None
+    for arg in overrides:
+        key, value = arg.split("=", 1)
+        try:
+            parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception as e:
+            raise RecipeError(f"cannot parse override {arg!r}: {e}") from e
+        new = OmegaConf.select(parsed, key)
+        if isinstance(new, (DictConfig, ListConfig)):
+            new = OmegaConf.to_container(new)
+        exists = OmegaConf.select(cfg, key, default="__missing__") != "__missing__"
+        if key.startswith("trainer."):
+            trainer_args = trainer_args or _trainer_args()
+            arg_name = key.split(".")[1]
+            if arg_name not in trainer_args:
+                hint = difflib.get_close_matches(arg_name, sorted(trainer_args), n=1)
+                raise RecipeError(
+                    f"unknown Trainer argument {key!r}" + (f"; did you mean trainer.{hint[0]}?" if hint else "")
+                )
+        elif not exists:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise RecipeError(
+                f"unknown key {key!r} for recipe {name!r}"
+                + (f"; did you mean {hint[0]}?" if hint else f"; known keys: {', '.join(known)}")
+            )
+        else:
+            old = OmegaConf.select(cfg, key)
+            if isinstance(old, DictConfig):
+                raise RecipeError(f"{key} is a group of keys; set its members, e.g. {key}.{next(iter(old))}=...")
+            if isinstance(old, ListConfig):
+                old = OmegaConf.to_container(old)
+            _check_type(key, old, new)
+        OmegaConf.update(cfg, key, new, merge=False, force_add=True)
+    cfg.recipe = name
+    return cfg
+
+
+def save_recipe(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved recipe as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,667 @@
+"""Swin Transformer V2 (Liu et al., CVPR 2022), faithful to the official code, with a fast and lean path.
+
+State-dict keys are the official ones (``layers.{i}.blocks.{j}.attn.cpb_mlp.0.weight`` ...). The rebuilt
+buffers (``relative_coords_table``, ``relative_position_index``, ``attn_mask``) are not saved: they follow
+from the geometry, so a model built for another window or resolution loads the same weights.
+
+Differences from the official code that do not change results for its inputs:
+- activations are kept as (B, H, W, C) between blocks;
+- inputs of any size are accepted: each stage pads to a multiple of the window *before* the cyclic shift and
+  masks padded tokens out of attention, so no token attends across the wrap-around (timm issue #2438);
+- attention is fused (the temperature is folded into q, the position bias and shift mask form one additive
+  mask), with an optional chunked "sequential" attention and per-block activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+__all__ = [
+    "SwinTransformerV2",
+    "WindowAttention",
+    "SwinTransformerBlock",
+    "PatchMerging",
+    "PatchEmbed",
+    "MODEL_CONFIGS",
+    "create_model",
+]
+
+LOG_MAX_SCALE = math.log(100.0)  # logit_scale is clamped at log(1/0.01): temperature at most 100
+MASK_VALUE = -100.0  # the official shifted-window mask value (not -inf)
+PAD_MASK_VALUE = -1e4  # padded keys: far below any cosine logit (|logit| <= 100 + 16)
+
+
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    x = tuple(int(v) for v in x)
+    if len(x) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {x}")
+    return x  # type: ignore[return-value]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def relative_coords_table(window: tuple[int, int], pretrained_window: tuple[int, int]) -> torch.Tensor:
+    """Log-spaced relative coordinates (paper eq. 4), [1, 2Wh-1, 2Ww-1, 2], computed in float32 as officially."""
+    rh = torch.arange(-(window[0] - 1), window[0], dtype=torch.float32)
+    rw = torch.arange(-(window[1] - 1), window[1], dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(rh, rw, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+    norm = pretrained_window if pretrained_window[0] > 0 else window
+    table[..., 0] /= max(norm[0] - 1, 1)
+    table[..., 1] /= max(norm[1] - 1, 1)
+    table *= 8
+    return torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
+
+
+def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
+    """Index of each (query, key) pair of a window into the flattened coordinate table, [N, N]."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij"))
+    coords = coords.flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (rel[..., 0] + window[0] - 1) * (2 * window[1] - 1) + (rel[..., 1] + window[1] - 1)
+
+
+class WindowAttention(nn.Module):
+    """Scaled cosine window attention with a log-spaced continuous position bias (paper eqs. 2-4).
+
+    ``attn_chunk_size`` > 0 computes attention sequentially over chunks of (window, head) pairs, each chunk
+    recomputed in the backward pass, so attention memory is bounded by one chunk (paper section 3.4).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: int | Sequence[int],
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        pretrained_window_size: int | Sequence[int] = 0,
+        attn_chunk_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.window_size = _pair(window_size)
+        self.pretrained_window_size = _pair(pretrained_window_size)
+        self.num_heads = num_heads
+        self.attn_chunk_size = attn_chunk_size
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
+        table = relative_coords_table(self.window_size, self.pretrained_window_size)
+        self.register_buffer("relative_coords_table", table, persistent=False)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(self.window_size), persistent=False
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def position_bias(self) -> torch.Tensor:
+        """16 * sigmoid(cpb_mlp(table)) gathered to [nH, N, N]; cached while the weights stay unchanged."""
+        params = tuple(self.cpb_mlp.parameters())
+        cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        key += (self.relative_coords_table.data_ptr(), self.relative_coords_table.dtype)
+        if cacheable and self._bias_cache is not None and self._bias_cache[0] == key:
+            return self._bias_cache[1]
+        n = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        bias = 16 * torch.sigmoid(bias)
+        self._bias_cache = (key, bias.detach()) if cacheable else None
+        return bias
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B*nW, N, C] windows of one image batch; mask: [nW, N, N] additive (shift and padding) or None."""
+        bw, n, c = x.shape
+        nh = self.num_heads
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).view(bw, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B*nW, nH, N, hd]
+        # Cosine similarity with a learnt temperature (eq. 2). Fold the temperature into q and normalise in
+        # float32, so low-precision autocast only sees the two matmuls.
+        scale = torch.clamp(_upcast(self.logit_scale), max=LOG_MAX_SCALE).exp()
+        q = (F.normalize(_upcast(q), dim=-1) * scale).to(v.dtype)
+        k = F.normalize(_upcast(k), dim=-1).to(v.dtype)
+        attn_bias = _upcast(self.position_bias())  # [nH, N, N]
+        if mask is not None:
+            nw = mask.shape[0]
+            attn_bias = (attn_bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(nw * nh, n, n)
+        else:
+            nw = 1
+        attn_bias = attn_bias.to(v.dtype)
+        # One image per row, all its (window, head) pairs along dim 1, so the [nW*nH, N, N] bias broadcasts.
+        b = bw // nw
+        q, k, v = (t.reshape(b, nw * nh, n, -1) for t in (q, k, v))
+        if self.attn_chunk_size > 0:
+            out = self._sequential_attention(q, k, v, attn_bias)
+        else:
+            out = _attention(q, k, v, attn_bias, self.attn_drop if self.training else 0.0)
+        out = out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c)
+        return self.proj_drop(self.proj(out))
+
+    def _sequential_attention(self, q, k, v, attn_bias) -> torch.Tensor:
+        p = self.attn_drop if self.training else 0.0
+        step = self.attn_chunk_size
+        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        rows = []
+        for i in range(q.shape[0]):
+            chunks = []
+            for s in range(0, q.shape[1], step):
+                args = [t[i : i + 1, s : s + step] for t in (q, k, v)] + [attn_bias[s : s + step], p]
+                if recompute:
+                    chunks.append(torch.utils.checkpoint.checkpoint(_attention, *args, use_reentrant=False))
+                else:
+                    chunks.append(_attention(*args))
+            rows.append(torch.cat(chunks, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, window_size={self.window_size}, "
+            f"pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}"
+        )
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32 (float32 and float64 stay)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
+    """softmax(q k^T + bias) v, with q already scaled."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)
+
+
+def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """[B, H, W, C] -> [B * nW, wh * ww, C]."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window[0], window[0], w // window[1], window[1], c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], c)
+
+
+def window_reverse(windows: torch.Tensor, window: tuple[int, int], h: int, w: int) -> torch.Tensor:
+    """[B * nW, wh * ww, C] -> [B, H, W, C]."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window[0], w // window[1], window[0], window[1], c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+class SwinTransformerBlock(nn.Module):
+    """(Shifted) window attention and MLP with res-post-norm (paper eq. 1): x + norm(f(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: Sequence[int],
+        num_heads: int,
+        window_size: int = 7,
+        shift_size: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        pretrained_window_size: int | Sequence[int] = 0,
+        attn_chunk_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = _pair(input_resolution)
+        window = _pair(window_size)
+        shift = _pair(shift_size)
+        # A stage no larger than the window gets one unshifted window covering it (official rule).
+        if min(self.input_resolution) <= min(window):
+            shift = (0, 0)
+            window = (min(self.input_resolution),) * 2
+        self.window_size = window
+        self.shift_size = shift
+        self.mlp_ratio = mlp_ratio
+        self.attn = WindowAttention(
+            dim, window, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size, attn_chunk_size
+        )
+        self.norm1 = norm_layer(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.norm2 = norm_layer(dim)
+        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
+
+    def attn_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        """Additive [nW, N, N] mask for an (h, w) input: -100 across shifted regions, -1e4 on padded keys."""
+        key = (h, w, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self._build_mask(h, w, device)
+        return self._mask_cache[key]
+
+    def _build_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
+        padded = hp != h or wp != w
+        if not (sh or sw or padded):
+            return None
+        mask = torch.zeros(hp, wp)
+        if sh or sw:
+            # Region ids as in the official code, on the padded grid (pad first, then roll).
+            img = torch.zeros(hp, wp)
+            cnt = 0
+            for hs in ((0, -wh), (-wh, -sh), (-sh, None)) if sh else ((0, None),):
+                for ws in ((0, -ww), (-ww, -sw), (-sw, None)) if sw else ((0, None),):
+                    img[slice(*hs), slice(*ws)] = cnt
+                    cnt += 1
+            mw = window_partition(img[None, :, :, None], self.window_size).squeeze(-1)
+            region = (mw.unsqueeze(1) - mw.unsqueeze(2)) != 0
+        else:
+            region = None
+        if padded:
+            valid = torch.zeros(hp, wp, dtype=torch.bool)
+            valid[:h, :w] = True
+            valid = torch.roll(valid, shifts=(-sh, -sw), dims=(0, 1))
+            pad_keys = ~window_partition(valid[None, :, :, None], self.window_size).squeeze(-1)  # [nW, N]
+        nw = (hp // wh) * (wp // ww)
+        n = wh * ww
+        mask = torch.zeros(nw, n, n)
+        if region is not None:
+            mask.masked_fill_(region, MASK_VALUE)
+        if padded:
+            mask.masked_fill_(pad_keys.unsqueeze(1).expand(nw, n, n), PAD_MASK_VALUE)
+        return mask.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        shortcut = x
+        ph, pw = (-h) % wh, (-w) % ww
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        hp, wp = h + ph, w + pw
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        windows = self.attn(window_partition(x, self.window_size), self.attn_mask(h, w, x.device))
+        x = window_reverse(windows, self.window_size, hp, wp)
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        if ph or pw:
+            x = x[:, :h, :w].contiguous()
+        x = shortcut + self.drop_path(self.norm1(x))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+    def _init_respostnorm(self) -> None:
+        for norm in (self.norm1, self.norm2):
+            nn.init.constant_(norm.weight, 0)
+            nn.init.constant_(norm.bias, 0)
+
+
+class PatchMerging(nn.Module):
+    """V2 patch merging: 2x2 neighbours concatenated, reduced 4C -> 2C, *then* normalised."""
+
+    def __init__(self, input_resolution: Sequence[int], dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.input_resolution = _pair(input_resolution)
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.norm(self.reduction(x))
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a strided convolution, then LayerNorm; returns [B, H/p, W/p, C]."""
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        norm_layer: type[nn.Module] | None = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.patches_resolution = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images [B, {self.in_chans}, H, W], got shape {tuple(x.shape)}")
+        ph, pw = (-x.shape[2]) % self.patch_size[0], (-x.shape[3]) % self.patch_size[1]
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        x = self.proj(x).permute(0, 2, 3, 1)
+        return self.norm(x) if self.norm is not None else x
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating unshifted / shifted windows, then optional patch merging."""
+
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: Sequence[int],
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float | Sequence[float] = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        downsample: type[nn.Module] | None = None,
+        use_checkpoint: bool = False,
+        pretrained_window_size: int | Sequence[int] = 0,
+        attn_chunk_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = _pair(input_resolution)
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        dpr = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(
+                dim,
+                input_resolution,
+                num_heads,
+                window_size,
+                0 if i % 2 == 0 else window_size // 2,
+                mlp_ratio,
+                qkv_bias,
+                drop,
+                attn_drop,
+                dpr[i],
+                norm_layer,
+                pretrained_window_size,
+                attn_chunk_size,
+            )
+            for i in range(depth)
+        )
+        self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    def _init_respostnorm(self) -> None:
+        for blk in self.blocks:
+            blk._init_respostnorm()
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin Transformer V2 with the official constructor arguments and state-dict keys.
+
+    ``attn_chunk_size`` > 0 turns on sequential self-attention; ``use_checkpoint`` turns on per-block
+    activation checkpointing. Both change memory only, not results.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        ape: bool = False,
+        patch_norm: bool = True,
+        use_checkpoint: bool = False,
+        pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
+        attn_chunk_size: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"SwinTransformerV2 got unknown arguments: {sorted(kwargs)}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
+        if len(pretrained_window_sizes) != len(depths):
+            raise ValueError(
+                f"pretrained_window_sizes {list(pretrained_window_sizes)} needs one entry per stage ({len(depths)})"
+            )
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.depths = tuple(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        self.window_size = window_size
+        self.pretrained_window_sizes = tuple(pretrained_window_sizes)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
+        self.img_size = self.patch_embed.img_size
+        self.patch_size = patch_size
+        res = self.patch_embed.patches_resolution
+        if min(res) < 2 ** (self.num_layers - 1):
+            raise ValueError(
+                f"img_size {img_size} with patch_size {patch_size} is too small for {self.num_layers} stages: "
+                f"needs at least {patch_size * 2 ** (self.num_layers - 1)} px"
+            )
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, res[0], res[1], embed_dim))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList(
+            BasicLayer(
+                dim=int(embed_dim * 2**i),
+                input_resolution=(math.ceil(res[0] / 2**i), math.ceil(res[1] / 2**i)),
+                depth=depths[i],
+                num_heads=num_heads[i],
+                window_size=window_size,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                norm_layer=norm_layer,
+                downsample=PatchMerging if i < self.num_layers - 1 else None,
+                use_checkpoint=use_checkpoint,
+                pretrained_window_size=pretrained_window_sizes[i],
+                attn_chunk_size=attn_chunk_size,
+            )
+            for i in range(self.num_layers)
+        )
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        for layer in self.layers:
+            layer._init_respostnorm()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ---- timm-style interface -------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed"}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
+
+    @property
+    def num_lr_layers(self) -> int:
+        """Number of layer ids used by layer-wise lr decay: sum(depths) + 2."""
+        return sum(self.depths) + 2
+
+    def layer_id(self, name: str) -> int:
+        """The official layer-wise lr decay rule (utils_simmim.get_swin_layer_id); name without prefix."""
+        return swin_layer_id(name, self.depths)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {
+            "stem": r"^absolute_pos_embed|^patch_embed|^mask_token",
+            "blocks": r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        }
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
+    def set_attn_chunk_size(self, chunk: int) -> None:
+        """Sequential self-attention: 0 computes all windows at once, k > 0 in chunks of k (window, head)s."""
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.attn_chunk_size = chunk
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding (+ absolute position embedding): [B, 3, H, W] -> [B, H/p, W/p, C]."""
+        return self.pos_embed(self.patch_embed(x))
+
+    def pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ape:
+            pe = self.absolute_pos_embed
+            if pe.shape[1:3] != x.shape[1:3]:
+                pe = F.interpolate(pe.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic").permute(0, 2, 3, 1)
+            x = x + pe
+        return self.pos_drop(x)
+
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages and final norm on embedded tokens: [B, H/p, W/p, C] -> [B, H/32, W/32, num_features]."""
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> normalised features [B, H/32, W/32, num_features]."""
+        return self.forward_stages(self.embed(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def swin_layer_id(name: str, depths: Sequence[int]) -> int:
+    """Layer id for layer-wise lr decay, as in the official get_swin_layer_id."""
+    if name.startswith("encoder."):
+        name = name[len("encoder.") :]
+    if name in ("mask_token", "absolute_pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("layers."):
+        parts = name.split(".")
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        return sum(depths[: stage + 1])
+    return sum(depths) + 1
+
+
+# ---- named configurations ------------------------------------------------------------------------------
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    # Paper sizes (Table 1 / official configs); H and G as in the paper's section 4.
+    "swinv2_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swinv2_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swinv2_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swinv2_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "swinv2_huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
+    "swinv2_giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128)),
+    # Small models that train in minutes on a CPU at 32-96 px.
+    "swinv2_micro": dict(embed_dim=48, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16), window_size=4),
+    "swinv2_nano": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4),
+}
+
+
+def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
+    """Build a named configuration, e.g. ``create_model("swinv2_base", img_size=192, window_size=12)``."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
+    return SwinTransformerV2(**{**MODEL_CONFIGS[name], **overrides})
+
