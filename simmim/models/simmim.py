@@ -108,7 +108,9 @@ class SimMIM(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rec = self.reconstruct(x, mask)
-        return masked_l1(self.target(x), rec, upsample_mask(mask, self.patch_size))
+        # target and loss in fp32 outside autocast: low-precision reductions are where fp16 runs turn NaN
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_l1(self.target(x.float()), rec.float(), upsample_mask(mask, self.patch_size))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -29,6 +29,7 @@ __all__ = [
     "SwinTransformerBlock",
     "PatchMerging",
     "PatchEmbed",
+    "WindowMask",
     "MODEL_CONFIGS",
     "create_model",
 ]
@@ -129,9 +130,7 @@ class WindowAttention(nn.Module):
         )
         table = relative_coords_table(self.window_size, self.pretrained_window_size)
         self.register_buffer("relative_coords_table", table, persistent=False)
-        self.register_buffer(
-            "relative_position_index", relative_position_index(self.window_size), persistent=False
-        )
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -159,8 +158,9 @@ class WindowAttention(nn.Module):
         self._bias_cache = (key, bias.detach()) if cacheable else None
         return bias
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B*nW, N, C] windows of one image batch; mask: [nW, N, N] additive (shift and padding) or None."""
+    def forward(self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B*nW, N, C] windows of one image batch; mask: a :class:`WindowMask`, an additive [nW, N, N]
+        tensor (shift and padding), or None."""
         bw, n, c = x.shape
         nh = self.num_heads
         bias = None
@@ -168,43 +168,45 @@ class WindowAttention(nn.Module):
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(bw, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B*nW, nH, N, hd]
-        # Cosine similarity with a learnt temperature (eq. 2). Fold the temperature into q and normalise in
-        # float32, so low-precision autocast only sees the two matmuls.
+        # Cosine similarity with a learnt temperature (eq. 2), the temperature folded into q; norms and the
+        # temperature in float32 (at least), so low-precision autocast only sees the matrix products.
         scale = torch.clamp(_upcast(self.logit_scale), max=LOG_MAX_SCALE).exp()
-        q = (F.normalize(_upcast(q), dim=-1) * scale).to(v.dtype)
-        k = F.normalize(_upcast(k), dim=-1).to(v.dtype)
-        attn_bias = _upcast(self.position_bias())  # [nH, N, N]
-        if mask is not None:
-            nw = mask.shape[0]
-            attn_bias = (attn_bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(nw * nh, n, n)
-        else:
-            nw = 1
-        attn_bias = attn_bias.to(v.dtype)
-        # One image per row, all its (window, head) pairs along dim 1, so the [nW*nH, N, N] bias broadcasts.
+        q = _normalize(q, scale).to(v.dtype)
+        k = _normalize(k).to(v.dtype)
+        if isinstance(mask, torch.Tensor):
+            mask = WindowMask(dense=mask)
+        nw = mask.num_windows if mask is not None else 1
+        # One image per row, all its (window, head) pairs along dim 1, so a [nW*nH, N, N] bias broadcasts.
         b = bw // nw
         q, k, v = (t.reshape(b, nw * nh, n, -1) for t in (q, k, v))
+        p = self.attn_drop if self.training else 0.0
+        pos_bias = self.position_bias()  # [nH, N, N]
         if self.attn_chunk_size > 0:
-            out = self._sequential_attention(q, k, v, attn_bias)
+            out = self._sequential_attention(q, k, v, pos_bias, mask, p)
         else:
-            out = _attention(q, k, v, attn_bias, self.attn_drop if self.training else 0.0)
+            attn_bias = pos_bias if mask is None else (pos_bias + mask.dense()[:, None]).flatten(0, 1)
+            out = _attention(q, k, v, attn_bias.to(v.dtype), p)
         out = out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
-    def _sequential_attention(self, q, k, v, attn_bias) -> torch.Tensor:
-        p = self.attn_drop if self.training else 0.0
-        step = self.attn_chunk_size
-        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        rows = []
+    def _sequential_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor, mask: WindowMask | None, p
+    ) -> torch.Tensor:
+        """Attention over chunks of (window, head) pairs, one image at a time; each chunk builds its own bias
+        slice and is recomputed in the backward pass, so no [nW*nH, N, N] tensor ever exists."""
+        step, nh, g = self.attn_chunk_size, self.num_heads, q.shape[1]
+        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, pos_bias))
+        out = []
         for i in range(q.shape[0]):
-            chunks = []
-            for s in range(0, q.shape[1], step):
-                args = [t[i : i + 1, s : s + step] for t in (q, k, v)] + [attn_bias[s : s + step], p]
+            for s in range(0, g, step):
+                pairs = torch.arange(s, min(s + step, g), device=q.device)
+                args = (q[i : i + 1, s : s + step], k[i : i + 1, s : s + step], v[i : i + 1, s : s + step])
+                args += (pos_bias, mask, pairs, nh, p)
                 if recompute:
-                    chunks.append(torch.utils.checkpoint.checkpoint(_attention, *args, use_reentrant=False))
+                    out.append(torch.utils.checkpoint.checkpoint(_chunk_attention, *args, use_reentrant=False))
                 else:
-                    chunks.append(_attention(*args))
-            rows.append(torch.cat(chunks, dim=1))
-        return torch.cat(rows, dim=0)
+                    out.append(_chunk_attention(*args))
+        return torch.cat(out, dim=1).view(q.shape[0], g, *out[0].shape[2:])
 
     def extra_repr(self) -> str:
         return (
@@ -218,9 +220,92 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _normalize(t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.normalize(t, dim=-1) * scale`` as one multiply by a per-row factor, reduced in float32 (at least)."""
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=_upcast(t).dtype).clamp_min(1e-12)
+    return t * (scale / norm if scale is not None else norm.reciprocal())
+
+
+def _chunk_attention(q, k, v, pos_bias: torch.Tensor, mask: WindowMask | None, pairs: torch.Tensor, nh: int, p):
+    """Attention of the (window, head) pairs ``pairs`` (flat index window * nH + head) of one image."""
+    bias = pos_bias[pairs % nh]
+    if mask is not None:
+        bias = bias + mask.dense(pairs // nh)
+    return _attention(q, k, v, bias.to(v.dtype), p)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
-    """softmax(q k^T + bias) v, with q already scaled."""
+    """softmax(q k^T + bias) v for q, k, v [B, G, N, d] and bias [G, N, N], with q already scaled.
+
+    On CPU (without attention dropout) a hand-written autograd function is fastest in float32 and bfloat16:
+    PyTorch's CPU SDPA falls back to its math path for a bias that needs a gradient, which upcasts bfloat16
+    to float32 and keeps more intermediates. Elsewhere SDPA picks a fused kernel."""
+    if q.device.type == "cpu" and p == 0.0:
+        return _BiasedSoftmaxAttention.apply(q, k, v, bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)
+
+
+class _BiasedSoftmaxAttention(torch.autograd.Function):
+    """softmax(q k^T + bias) v, computed in place in the inputs' dtype; saves only q, k, v and the
+    probabilities. The softmax kernels accumulate in float32 for bfloat16."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        attn = torch.matmul(q, k.transpose(-2, -1))
+        attn += bias
+        torch.softmax(attn, -1, out=attn)
+        ctx.save_for_backward(q, k, v, attn)
+        return torch.matmul(attn, v)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, attn = ctx.saved_tensors
+        grad_v = torch.matmul(attn.transpose(-2, -1), grad_out) if ctx.needs_input_grad[2] else None
+        grad = torch.matmul(grad_out, v.transpose(-2, -1))
+        torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)
+        grad_q = torch.matmul(grad, k) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if ctx.needs_input_grad[3]:
+            # the bias is broadcast over the leading (image) dimensions
+            grad_bias = grad.sum(dim=tuple(range(grad.ndim - 3))) if grad.ndim > 3 else grad
+        return grad_q, grad_k, grad_v, grad_bias
+
+
+class WindowMask:
+    """Additive attention mask of one block geometry, kept as per-token ids: -100 between tokens of different
+    shifted regions (official value, not -inf), ``PAD_MASK_VALUE`` on padded keys. :meth:`dense` builds
+    [nW, N, N] (cached for all windows) or the rows of a few windows only (sequential attention)."""
+
+    def __init__(
+        self,
+        region: torch.Tensor | None = None,
+        pad_keys: torch.Tensor | None = None,
+        dense: torch.Tensor | None = None,
+    ) -> None:
+        self.region, self.pad_keys, self._dense = region, pad_keys, dense
+        ref = next(t for t in (region, pad_keys, dense) if t is not None)
+        self.num_windows = ref.shape[0]
+
+    def dense(self, windows: torch.Tensor | None = None) -> torch.Tensor:
+        """[nW, N, N] float32, or [len(windows), N, N] for a window index tensor."""
+        if windows is None:
+            if self._dense is None:
+                self._dense = self._build(None)
+            return self._dense
+        return self._dense[windows] if self._dense is not None else self._build(windows)
+
+    def _build(self, windows: torch.Tensor | None) -> torch.Tensor:
+        pick = (lambda t: t) if windows is None else (lambda t: t[windows])
+        ref = self.region if self.region is not None else self.pad_keys
+        nw, n = pick(ref).shape
+        mask = torch.zeros(nw, n, n, device=ref.device)
+        if self.region is not None:
+            region = pick(self.region)
+            mask.masked_fill_(region.unsqueeze(1) != region.unsqueeze(2), MASK_VALUE)
+        if self.pad_keys is not None:
+            mask.masked_fill_(pick(self.pad_keys).unsqueeze(1), PAD_MASK_VALUE)
+        return mask
 
 
 def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -275,47 +360,37 @@ class SwinTransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.norm2 = norm_layer(dim)
-        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
+        self._mask_cache: dict[tuple, WindowMask | None] = {}
 
-    def attn_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
-        """Additive [nW, N, N] mask for an (h, w) input: -100 across shifted regions, -1e4 on padded keys."""
+    def attn_mask(self, h: int, w: int, device: torch.device) -> WindowMask | None:
+        """The attention mask for an (h, w) input: shifted regions and padded keys (None when neither)."""
         key = (h, w, device)
         if key not in self._mask_cache:
             self._mask_cache[key] = self._build_mask(h, w, device)
         return self._mask_cache[key]
 
-    def _build_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+    def _build_mask(self, h: int, w: int, device: torch.device) -> WindowMask | None:
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
         padded = hp != h or wp != w
         if not (sh or sw or padded):
             return None
-        mask = torch.zeros(hp, wp)
+        region = pad_keys = None
         if sh or sw:
             # Region ids as in the official code, on the padded grid (pad first, then roll).
-            img = torch.zeros(hp, wp)
+            img = torch.zeros(hp, wp, dtype=torch.int8)
             cnt = 0
             for hs in ((0, -wh), (-wh, -sh), (-sh, None)) if sh else ((0, None),):
                 for ws in ((0, -ww), (-ww, -sw), (-sw, None)) if sw else ((0, None),):
                     img[slice(*hs), slice(*ws)] = cnt
                     cnt += 1
-            mw = window_partition(img[None, :, :, None], self.window_size).squeeze(-1)
-            region = (mw.unsqueeze(1) - mw.unsqueeze(2)) != 0
-        else:
-            region = None
+            region = window_partition(img[None, :, :, None], self.window_size).squeeze(-1).to(device)
         if padded:
             valid = torch.zeros(hp, wp, dtype=torch.bool)
             valid[:h, :w] = True
             valid = torch.roll(valid, shifts=(-sh, -sw), dims=(0, 1))
-            pad_keys = ~window_partition(valid[None, :, :, None], self.window_size).squeeze(-1)  # [nW, N]
-        nw = (hp // wh) * (wp // ww)
-        n = wh * ww
-        mask = torch.zeros(nw, n, n)
-        if region is not None:
-            mask.masked_fill_(region, MASK_VALUE)
-        if padded:
-            mask.masked_fill_(pad_keys.unsqueeze(1).expand(nw, n, n), PAD_MASK_VALUE)
-        return mask.to(device)
+            pad_keys = ~window_partition(valid[None, :, :, None], self.window_size).squeeze(-1).to(device)
+        return WindowMask(region, pad_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -573,7 +648,9 @@ class SwinTransformerV2(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return {
             "stem": r"^absolute_pos_embed|^patch_embed|^mask_token",
-            "blocks": r"^layers\.(\d+)" if coarse else [
+            "blocks": r"^layers\.(\d+)"
+            if coarse
+            else [
                 (r"^layers\.(\d+)\.downsample", (0,)),
                 (r"^layers\.(\d+)\.\w+\.(\d+)", None),
                 (r"^norm", (99999,)),
@@ -664,4 +741,3 @@ def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
     return SwinTransformerV2(**{**MODEL_CONFIGS[name], **overrides})
-

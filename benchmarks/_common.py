@@ -1,0 +1,80 @@
+"""Shared helpers for the benchmarks: matched ours/timm models, a training step, interleaved timing, FLOPs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from simmim.models.convert import official_to_timm
+from simmim.models.swinv2 import create_model
+
+
+def build_pair(name: str, img_size: int, window_size: int, num_classes: int = 1000, **kw) -> tuple:
+    """Our model and timm's ``SwinTransformerV2`` with the same weights (timm imported lazily)."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
+    from simmim.models.swinv2 import MODEL_CONFIGS
+
+    cfg = {**MODEL_CONFIGS[name], "img_size": img_size, "window_size": window_size, "num_classes": num_classes}
+    ours = create_model(name, **cfg, **kw)
+    timm_kw = {k: v for k, v in cfg.items() if k in ("img_size", "embed_dim", "depths", "num_heads", "window_size")}
+    theirs = TimmSwinV2(**timm_kw, num_classes=num_classes)
+    theirs.load_state_dict(official_to_timm(ours.state_dict()))
+    return ours, theirs
+
+
+def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    """One training step: forward (optionally under bf16 autocast), cross-entropy, backward, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """Matrix FLOPs (mm, bmm, addmm, conv, attention) of one call of ``step``, counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of a square ``n x n`` matmul in ``dtype``: the best of repeated timings."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call for each function, timed in alternating rounds so background load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            for _ in range(steps):
+                fns[name]()
+            times[name].append((time.perf_counter() - t) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}

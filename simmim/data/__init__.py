@@ -1,0 +1,69 @@
+"""Data pipeline: image sources, albumentations transforms, seeded sampling, LightningDataModules.
+
+Layouts a ``root`` may have (``source="auto"`` picks the first that fits):
+
+- ``None`` or ``"fashion_mnist"``: Fashion-MNIST from its idx files, looked up in ``/usr/share/datasets/fashion-mnist``
+  (Debian package ``dataset-fashion-mnist``) then ``~/.cache/simmim/fashion-mnist``; with ``source="fashion_mnist"``
+  a ``root`` folder holding the files is searched first.
+- a ``.txt`` file list (``filelist``): one image path per line, relative to the list's folder, optionally followed by
+  a label (integer or class name) after a tab or a space.
+- an ImageFolder tree (``imagefolder``): ``root/<class>/**/<image>``, chosen when ``root`` holds subfolders and no
+  images of its own; labels are the indices of the sorted class names.
+- a plain folder (``folder``): every image below ``root``, searched recursively, unlabelled (label -1).
+
+A root with a ``train`` subfolder (ImageNet layout) trains on ``root/train``. Image files are recognised by
+extension (case-insensitive; hidden files skipped), read with ``open_image`` (any mode -> RGB, EXIF orientation
+applied); unreadable files are skipped with a warning and replaced by another sample, up to ``max_bad_files``.
+All randomness (crop, flip, RandAugment, erasing, mask) is derived from (seed, epoch, sample index).
+"""
+
+from simmim.data.datamodule import ClassificationDataModule, PretrainDataModule, label_subset, split_indices
+from simmim.data.datasets import (
+    FASHION_MNIST_CLASSES,
+    BadImageWarning,
+    FashionMNIST,
+    ImageFiles,
+    SampleDataset,
+    TooManyBadFilesError,
+    build_source,
+    detect_source,
+    read_idx,
+)
+from simmim.data.images import IMG_EXTENSIONS, BadImageError, open_image
+from simmim.data.sampler import EpochSampler
+from simmim.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SampleTransform,
+    eval_transform,
+    finetune_transform,
+    pretrain_transform,
+    rand_augment,
+)
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMG_EXTENSIONS",
+    "BadImageError",
+    "BadImageWarning",
+    "ClassificationDataModule",
+    "EpochSampler",
+    "FashionMNIST",
+    "ImageFiles",
+    "PretrainDataModule",
+    "SampleDataset",
+    "SampleTransform",
+    "TooManyBadFilesError",
+    "build_source",
+    "detect_source",
+    "eval_transform",
+    "finetune_transform",
+    "label_subset",
+    "open_image",
+    "pretrain_transform",
+    "rand_augment",
+    "read_idx",
+    "split_indices",
+]

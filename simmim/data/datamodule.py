@@ -1,0 +1,302 @@
+"""LightningDataModules for SimMIM pretraining (images + masks) and classification (images + labels).
+
+Batches are dicts: ``image`` float32 [B,3,H,W] (normalised with ``mean``/``std``, ImageNet's by default, also for
+Fashion-MNIST so that ImageNet-pretrained weights see familiar statistics), ``label`` int64 [B] (-1 when
+unlabelled) and, for pretraining, ``mask`` int64 [B,H/p,W/p] (1 = masked, p = model patch size).
+
+``batch_size`` is per process (the official code's total batch is batch_size x world size). Sources are scanned in
+the constructor, so a wrong or empty root fails before any model is built. The training sampler (an
+``EpochSampler``, created in ``setup``) shards across ranks itself: use ``Trainer(use_distributed_sampler=False)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from simmim.data.datasets import FashionMNIST, SampleDataset, build_source, detect_source
+from simmim.data.sampler import EpochSampler
+from simmim.data.transforms import (
+    EVAL_RESIZE_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SampleTransform,
+    eval_transform,
+    finetune_transform,
+    pretrain_transform,
+)
+from simmim.masking import MaskGenerator
+
+__all__ = ["ClassificationDataModule", "PretrainDataModule", "split_indices", "label_subset"]
+
+Root = str | os.PathLike | None
+
+
+def split_indices(size: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, val) split of ``range(size)`` with ``round(val_fraction * size)`` validation items."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    order = np.random.default_rng([seed, 0x5A11]).permutation(size)
+    n_val = round(val_fraction * size)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions of a class-balanced deterministic subset: ``max(1, round(fraction * n_c))`` of each class c.
+
+    Subsets are nested: the 10% subset is contained in the 20% one (same per-class order), which keeps
+    label-efficiency curves comparable.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction must lie in (0, 1], got {fraction}")
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[np.random.default_rng([seed, int(c)]).permutation(len(members))]
+        keep.append(members[: max(1, round(fraction * len(members)))])
+    return np.sort(np.concatenate(keep))
+
+
+def _limit_threads(worker_id: int) -> None:
+    cv2.setNumThreads(1)  # OpenCV's own thread pool in every worker oversubscribes the cores
+
+
+class _DataModule(pl.LightningDataModule):
+    """Loader plumbing shared by both modules: rank discovery, samplers, worker settings, bad-file counts."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        seed: int,
+        max_bad_files: int,
+        rank: int | None,
+        world_size: int | None,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.seed, self.max_bad_files = seed, max_bad_files
+        self.rank, self.world_size = rank, world_size
+        self.train_set: SampleDataset | None = None
+        self.val_set: SampleDataset | None = None
+        self.train_sampler: EpochSampler | None = None
+
+    def _dataset(self, source, transform, indices=None, fixed_epoch: int | None = None) -> SampleDataset:
+        return SampleDataset(source, transform, self.seed, indices, self.max_bad_files, fixed_epoch)
+
+    def _sampler(self, dataset: SampleDataset, train: bool) -> EpochSampler:
+        trainer = self.trainer
+        rank = self.rank if self.rank is not None or trainer is None else trainer.global_rank
+        world_size = self.world_size if self.world_size is not None or trainer is None else trainer.world_size
+        return EpochSampler(
+            len(dataset),
+            self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _loader(self, dataset: SampleDataset | None, sampler: EpochSampler | None = None) -> DataLoader | list:
+        if dataset is None:
+            return []  # Lightning skips a stage whose loader list is empty
+        if sampler is None:
+            sampler = self._sampler(dataset, train=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=sampler.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=_limit_threads if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_sampler is None:
+            self.setup("fit")
+        return self._loader(self.train_set, self.train_sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.val_set)
+
+    @property
+    def num_bad_files(self) -> int:
+        """Unreadable files met so far (all workers, train + val)."""
+        return sum(d.num_bad_files for d in (self.train_set, self.val_set) if d is not None)
+
+
+class PretrainDataModule(_DataModule):
+    """Images and SimMIM masks for pretraining; see ``simmim.data`` for the layouts ``root`` may have.
+
+    A root holding a ``train`` subfolder (e.g. ImageNet or Imagenette) trains on ``root/train``. Validation (loss
+    on held-out images, same augmentation but with crops and masks fixed per image so losses compare across
+    steps) comes from ``val_root`` (for Fashion-MNIST: the test split) or a ``val_fraction`` of the training set.
+    """
+
+    def __init__(
+        self,
+        root: Root = None,
+        source: str = "auto",
+        img_size: int = 192,
+        mask_patch_size: int = 32,
+        model_patch_size: int = 4,
+        mask_ratio: float = 0.6,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        val_root: Root = None,
+        val_fraction: float = 0.0,
+        crop_scale: tuple[float, float] = (0.67, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        max_bad_files: int = 100,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
+        self.save_hyperparameters()
+        if val_root is not None and val_fraction:
+            raise ValueError(f"give val_root ({val_root}) or val_fraction ({val_fraction}), not both")
+        self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
+        self.transform = SampleTransform(
+            pretrain_transform(img_size, crop_scale, crop_ratio, mean, std), self.mask_generator
+        )
+        self.source = build_source(_train_folder(root, source), source)
+        self.val_source = None if val_root is None else build_source(val_root, source, train=False)
+        self.train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
+        if val_fraction and min(len(self.train_indices), len(self.val_indices)) == 0:
+            raise ValueError(f"val_fraction={val_fraction} of {len(self.source)} images leaves an empty split")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.train_set = self._dataset(self.source, self.transform, self.train_indices)
+        if self.val_source is not None:
+            self.val_set = self._dataset(self.val_source, self.transform, fixed_epoch=0)
+        elif len(self.val_indices):
+            self.val_set = self._dataset(self.source, self.transform, self.val_indices, fixed_epoch=0)
+        self.train_sampler = self._sampler(self.train_set, train=True)
+
+
+class ClassificationDataModule(_DataModule):
+    """Images and labels for fine-tuning / linear probing: train / val / test sets.
+
+    ImageFolder-style data: ``train_root`` defaults to ``root/train`` (or ``root`` itself when it has no ``train``
+    folder), ``val_root`` to ``root/val``, ``test_root`` to ``root/test``, else the validation set; without any
+    validation folder, ``val_fraction`` of the training images is held out. Fashion-MNIST (``root=None`` or
+    ``"fashion_mnist"``): train on the 60k training images, validate and test on the 10k test images (or hold
+    out ``val_fraction`` of the training images for validation).
+
+    ``label_fraction`` < 1 keeps a class-balanced, deterministic subset of the training labels
+    (label-efficiency experiments). ``num_classes`` and ``class_names`` are known after construction.
+    """
+
+    def __init__(
+        self,
+        root: Root = None,
+        source: str = "auto",
+        train_root: Root = None,
+        val_root: Root = None,
+        test_root: Root = None,
+        img_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        label_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        rand_augment_ops: int = 2,
+        rand_augment_magnitude: float = 9,
+        random_erasing: float = 0.25,
+        eval_resize_ratio: float = EVAL_RESIZE_RATIO,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        max_bad_files: int = 100,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
+        self.save_hyperparameters()
+        self.train_transform = SampleTransform(
+            finetune_transform(
+                img_size, crop_scale, rand_augment_ops, rand_augment_magnitude, random_erasing, mean, std
+            )
+        )
+        self.eval_transform = SampleTransform(eval_transform(img_size, eval_resize_ratio, mean, std))
+        fashion = (source == "auto" and train_root is None and detect_source(root) == "fashion_mnist") or (
+            source == "fashion_mnist"
+        )
+        if fashion:
+            folder = None if root is None or str(root) == "fashion_mnist" else root
+            self.source = FashionMNIST(folder, train=True)
+            test = FashionMNIST(folder, train=False)
+            self.val_source, self.test_source = (None, test) if val_fraction else (test, test)
+        else:
+            self.source = build_source(train_root or _train_folder(root, source), source)
+            val_root = val_root or _subfolder(root, "val")
+            self.val_source = None if val_root is None else build_source(val_root, source)
+            test_root = test_root or _subfolder(root, "test")
+            self.test_source = self.val_source if test_root is None else build_source(test_root, source)
+            if self.val_source is not None and val_fraction:
+                raise ValueError(f"give a validation folder ({val_root}) or val_fraction ({val_fraction}), not both")
+            if self.val_source is None and not val_fraction:
+                raise ValueError(
+                    f"no validation images for {train_root or root}: pass val_root, create {Path(str(root)) / 'val'}, "
+                    "or hold out part of the training set with val_fraction"
+                )
+        if (self.source.labels < 0).any():
+            raise ValueError(
+                f"{self.source!r} from {train_root or root} has no labels: classification needs an ImageFolder tree "
+                "(one subfolder per class) or a file list with a label on every line"
+            )
+        self.class_names: list[str] = self.source.class_names
+        self.num_classes = len(self.class_names)
+        train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
+        self.train_indices = train_indices[label_subset(self.source.labels[train_indices], label_fraction, seed)]
+        self.test_set: SampleDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.train_set = self._dataset(self.source, self.train_transform, self.train_indices)
+        if self.val_source is None:
+            self.val_set = self._dataset(self.source, self.eval_transform, self.val_indices)
+        else:
+            self.val_set = self._dataset(self.val_source, self.eval_transform)
+        same = self.test_source is None or self.test_source is self.val_source
+        self.test_set = self.val_set if same else self._dataset(self.test_source, self.eval_transform)
+        self.train_sampler = self._sampler(self.train_set, train=True)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("test")
+        return self._loader(self.test_set)
+
+
+def _subfolder(root: Root, name: str) -> Path | None:
+    if root is None or not Path(root).is_dir() or not (Path(root) / name).is_dir():
+        return None
+    return Path(root) / name
+
+
+def _train_folder(root: Root, source: str) -> Root:
+    """``root/train`` when an ImageFolder-style root holds one (ImageNet layout), else ``root``."""
+    if source in ("auto", "folder", "imagefolder"):
+        return _subfolder(root, "train") or root
+    return root

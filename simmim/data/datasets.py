@@ -1,0 +1,384 @@
+"""Image sources (folder, ImageFolder tree, file list, Fashion-MNIST) and the robust, seeded sample dataset.
+
+A *source* knows where its images are and what their labels are: ``len(source)``, ``source.load(i)`` -> RGB PIL
+image (may raise ``BadImageError``), ``source.name(i)`` (for messages), ``source.labels`` (int64, -1 when
+unlabelled) and ``source.class_names``. ``SampleDataset`` turns a source into training samples: it derives each
+sample's randomness from (seed, epoch, index), and replaces unreadable files by other samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from simmim.data.images import IMG_EXTENSIONS, BadImageError, is_image_file, open_image
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIRS",
+    "SOURCES",
+    "BadImageWarning",
+    "FashionMNIST",
+    "ImageFiles",
+    "SampleDataset",
+    "TooManyBadFilesError",
+    "build_source",
+    "detect_source",
+    "read_idx",
+]
+
+SOURCES = ("auto", "folder", "imagefolder", "filelist", "fashion_mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# searched after an explicit root: the Debian package `dataset-fashion-mnist`, then the user cache
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("~/.cache/simmim/fashion-mnist").expanduser())
+_FASHION_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_LAYOUTS = (
+    "a folder of images (searched recursively), an ImageFolder tree (one subfolder per class), "
+    "a .txt file list (one path per line, optional label), or 'fashion_mnist'"
+)
+
+
+class ImageFiles:
+    """Image files on disk with optional integer labels (-1 = unlabelled).
+
+    Paths are kept in one numpy byte-string array (not a list of Python strings) so that forked DataLoader
+    workers share them instead of copying them page by page as reference counts change.
+    """
+
+    def __init__(
+        self, paths: Sequence[str | os.PathLike], labels: Sequence[int] | None = None, class_names: Sequence[str] = ()
+    ) -> None:
+        self.paths = np.array([os.fsencode(p) for p in paths], dtype=bytes)
+        self.labels = np.full(len(self.paths), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        self.class_names = list(class_names)
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike) -> ImageFiles:
+        """Every image under ``root`` (recursively, extensions case-insensitive, hidden entries skipped), unlabelled."""
+        root = _existing(root, folder=True)
+        found = _find_images(root)
+        if not found:
+            raise ValueError(
+                f"no image files ({', '.join(IMG_EXTENSIONS)}, any case) found under {root} (searched recursively); "
+                f"expected {_LAYOUTS}"
+            )
+        return cls([root / p for p in found])
+
+    @classmethod
+    def from_imagefolder(cls, root: str | os.PathLike) -> ImageFiles:
+        """``root/<class>/**/<image>``: classes are the sorted subfolder names, labels their indices."""
+        root = _existing(root, folder=True)
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise ValueError(f"no class subfolders in {root}: an ImageFolder tree needs root/<class>/<images>")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            found = _find_images(root / name)
+            if not found:
+                raise ValueError(
+                    f"class folder {root / name} holds no images ({', '.join(IMG_EXTENSIONS)}): "
+                    "remove it, or use source='folder' to ignore class subfolders"
+                )
+            paths += [root / name / p for p in found]
+            labels += [label] * len(found)
+        return cls(paths, labels, classes)
+
+    @classmethod
+    def from_filelist(cls, path: str | os.PathLike) -> ImageFiles:
+        """A text file: one image path per line (relative to the file's folder, or absolute), optionally followed
+        by a label (an integer or a class name) after a tab or a space; a path containing spaces needs a tab
+        before its label. Blank lines and lines starting with ``#`` are ignored."""
+        path = _existing(path)
+        entries = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit("\t", 1) if "\t" in line else line.split()
+            if len(parts) > 2:
+                raise ValueError(f"{path}:{n}: cannot tell path from label in {line!r}: separate the label by a tab")
+            entries.append((n, path.parent / parts[0].strip(), parts[1].strip() if len(parts) == 2 else None))
+        if not entries:
+            raise ValueError(f"file list {path} lists no images: expected one image path per line")
+        given = [label is not None for _, _, label in entries]
+        if any(given) and not all(given):
+            n = entries[given.index(not given[0])][0]
+            raise ValueError(f"{path}:{n}: some lines have a label and some do not: label every line or none")
+        paths = [p for _, p, _ in entries]
+        if not given[0]:
+            return cls(paths)
+        names = [label for _, _, label in entries]
+        if all(_is_int(s) for s in names):
+            labels = [int(s) for s in names]
+            if min(labels) < 0:
+                raise ValueError(f"{path}: negative label {min(labels)}: labels must be 0..num_classes-1")
+            return cls(paths, labels, [str(i) for i in range(max(labels) + 1)])
+        classes = sorted(set(names))
+        index = {c: i for i, c in enumerate(classes)}
+        return cls(paths, [index[c] for c in names], classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        return os.fsdecode(self.paths[index])
+
+    def load(self, index: int) -> Image.Image:
+        return open_image(os.fsdecode(self.paths[index]))
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self)} images, {len(self.class_names)} classes)"
+
+
+class FashionMNIST:
+    """Fashion-MNIST from its four idx files (gzipped or raw): 60k train / 10k test 28x28 greyscale images,
+    returned as RGB (the grey value repeated) so that the same models and normalisation apply.
+
+    ``root``: a folder holding the files; searched first, then ``FASHION_MNIST_DIRS``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, train: bool = True) -> None:
+        folder = find_fashion_mnist(root)
+        images_name, labels_name = _FASHION_FILES[train]
+        self.images = read_idx(_idx_file(folder, images_name))
+        self.labels = read_idx(_idx_file(folder, labels_name)).astype(np.int64)
+        if self.images.ndim != 3 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"{folder}: {images_name} {self.images.shape} does not match {labels_name} "
+                f"{self.labels.shape}: expected [N, 28, 28] images and N labels"
+            )
+        self.split = "train" if train else "test"
+        self.class_names = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def name(self, index: int) -> str:
+        return f"fashion-mnist {self.split}[{index}]"
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], "L").convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"FashionMNIST({self.split}, {len(self)} images)"
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """The first folder, of ``root`` then ``FASHION_MNIST_DIRS``, that holds all four idx files (raw or .gz)."""
+    candidates = ([Path(root).expanduser()] if root is not None else []) + list(FASHION_MNIST_DIRS)
+    names = [n for pair in _FASHION_FILES.values() for n in pair]
+    for folder in candidates:
+        if all(_idx_file(folder, n, must_exist=False) for n in names):
+            return folder
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found in {', '.join(map(str, candidates))}: install it with "
+        f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put {', '.join(n + '.gz' for n in names)} "
+        f"(from https://github.com/zalandoresearch/fashion-mnist, folder data/fashion) into {FASHION_MNIST_DIRS[-1]} "
+        "or into the folder given as root"
+    )
+
+
+def _idx_file(folder: Path, name: str, must_exist: bool = True) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    if must_exist:
+        raise FileNotFoundError(f"{folder / name}(.gz) not found")
+    return None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (the MNIST format: 0, 0, type code, ndim, big-endian int32 dims, data); gzip allowed."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
+        raise ValueError(f"{path} is not an idx file (bad magic {data[:4].hex()}; expected 0000 08 0N for uint8)")
+    ndim = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, offset=4))
+    dtype = np.dtype(dtypes[data[2]])
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"{path}: {len(data)} bytes, but its header {dims} of {dtype} implies {expected}: truncated?")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def detect_source(root: str | os.PathLike | None) -> str:
+    """``source="auto"``: fashion_mnist for None / "fashion_mnist", filelist for a .txt file, imagefolder for a
+    folder holding subfolders but no images at its top level, else folder."""
+    if root is None or str(root) == "fashion_mnist":
+        return "fashion_mnist"
+    root = _existing(root)
+    if root.is_file():
+        if root.suffix.lower() == ".txt":
+            return "filelist"
+        raise ValueError(f"data root {root} is a file but not a .txt file list; expected {_LAYOUTS}")
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    has_dirs = any(e.is_dir() for e in entries)
+    has_images = any(e.is_file() and is_image_file(e.name) for e in entries)
+    return "imagefolder" if has_dirs and not has_images else "folder"
+
+
+def build_source(root: str | os.PathLike | None, source: str = "auto", train: bool = True) -> ImageFiles | FashionMNIST:
+    """The image source at ``root`` (``train`` picks the Fashion-MNIST split); clear errors for bad roots."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(SOURCES)}")
+    if source == "auto":
+        source = detect_source(root)
+    if source == "fashion_mnist":
+        return FashionMNIST(None if root is None or str(root) == "fashion_mnist" else root, train=train)
+    if root is None:
+        raise ValueError(f"source={source!r} needs a root: {_LAYOUTS}")
+    if source == "filelist":
+        return ImageFiles.from_filelist(root)
+    if source == "imagefolder":
+        return ImageFiles.from_imagefolder(root)
+    return ImageFiles.from_folder(root)
+
+
+def _existing(path: str | os.PathLike, folder: bool = False) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data root {path} does not exist; expected {_LAYOUTS}")
+    if folder and not path.is_dir():
+        raise NotADirectoryError(f"data root {path} is not a folder; expected {_LAYOUTS}")
+    return path
+
+
+def _find_images(root: Path) -> list[str]:
+    """Sorted relative paths of the image files under ``root`` (hidden files and folders skipped)."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(folder, root)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files if is_image_file(f) and not f.startswith(".")]
+    return sorted(found)
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
+class BadImageWarning(UserWarning):
+    """An unreadable image was skipped and replaced by another sample."""
+
+
+class TooManyBadFilesError(RuntimeError):
+    """More than ``max_bad_files`` unreadable images."""
+
+
+class SampleDataset(Dataset):
+    """Samples ``{"image", "label"[, "mask"]}`` of a source, with randomness from (seed, epoch, index).
+
+    Keys are ``(index, epoch)`` pairs as yielded by ``EpochSampler`` (a plain int means epoch 0); ``fixed_epoch``
+    pins the epoch (validation: the same crop and mask for a sample at every evaluation). ``indices`` selects a
+    subset of the source (index i of the dataset is source item ``indices[i]``).
+
+    A file that fails to decode is warned about once (``BadImageWarning``), recorded, and replaced by another
+    sample chosen deterministically from (seed, epoch, index), so runs stay reproducible. The record lives in
+    shared memory, so the count (``num_bad_files``) covers all DataLoader workers; beyond ``max_bad_files`` bad
+    files, ``TooManyBadFilesError`` names some of them.
+    """
+
+    def __init__(
+        self,
+        source: ImageFiles | FashionMNIST,
+        transform: Callable[[Image.Image, np.random.SeedSequence], dict[str, torch.Tensor]],
+        seed: int = 0,
+        indices: Sequence[int] | None = None,
+        max_bad_files: int = 100,
+        fixed_epoch: int | None = None,
+    ) -> None:
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
+        self.max_bad_files = max_bad_files
+        self.fixed_epoch = fixed_epoch
+        # shared with forked/spawned workers: a byte per sample (1 = bad) and a count under one lock
+        self._bad = multiprocessing.RawArray("b", len(self.indices))
+        self._bad_count = multiprocessing.Value("q", 0)
+        self.bad_files: dict[str, str] = {}  # this process's findings: name -> reason
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_bad_files(self) -> int:
+        """Distinct unreadable files found so far, by any worker."""
+        return self._bad_count.value
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
+        if self.fixed_epoch is not None:
+            epoch = self.fixed_epoch
+        seed = np.random.SeedSequence([self.seed, epoch, int(index)])
+        item, attempt = int(index), 0
+        while True:
+            if not self._bad[item]:
+                try:
+                    image = self.source.load(int(self.indices[item]))
+                    break
+                except BadImageError as err:
+                    self._record_bad(item, err)
+            attempt += 1
+            if attempt > 100:
+                raise TooManyBadFilesError(
+                    f"100 replacements for sample {index} were all unreadable, e.g. {self._examples()}"
+                )
+            item = int(np.random.default_rng([self.seed, epoch, int(index), attempt]).integers(len(self)))
+        sample = self.transform(image, seed)
+        sample["label"] = int(self.source.labels[self.indices[item]])
+        return sample
+
+    def _record_bad(self, item: int, err: BadImageError) -> None:
+        with self._bad_count.get_lock():
+            if self._bad[item]:
+                return  # another worker got there first
+            self._bad[item] = 1
+            self._bad_count.value += 1
+            count = self._bad_count.value
+        self.bad_files[err.path] = err.reason
+        if count > self.max_bad_files:
+            raise TooManyBadFilesError(
+                f"{count} unreadable image files, more than max_bad_files={self.max_bad_files}, e.g. "
+                f"{self._examples()}: fix or delete them, or raise max_bad_files"
+            )
+        warnings.warn(f"skipping unreadable image ({count} so far): {err}", BadImageWarning, stacklevel=3)
+
+    def _examples(self, n: int = 5) -> str:
+        return "; ".join(f"{path} ({reason})" for path, reason in list(self.bad_files.items())[-n:])
+
+    def __repr__(self) -> str:
+        return f"SampleDataset({self.source!r}, {len(self)} samples, seed={self.seed}, transform={self.transform!r})"

@@ -1,0 +1,89 @@
+"""A seeded, epoch-aware, rank-sharding sampler with exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = ["EpochSampler"]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, epoch)`` keys for ``SampleDataset``: a permutation of ``range(size)`` drawn from
+    (seed, epoch) when ``shuffle``, split across ranks by striding, the same number of batches on every rank.
+
+    ``drop_last``: every rank gets ``size // (world_size * batch_size)`` full batches (the tail of the permutation,
+    different every epoch, is dropped). Otherwise ranks are padded by wrapping around the permutation, as
+    ``DistributedSampler`` does, and may end with one partial batch.
+
+    ``rank`` / ``world_size`` default to torch.distributed's when it is initialised, else 0 / 1. Call
+    ``set_epoch(epoch)`` before each epoch (Lightning does) and ``skip_batches(n)`` to start the *next* iteration at
+    batch ``n`` (exact mid-epoch resume); ``len()`` is always the full epoch.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.size, self.batch_size, self.shuffle, self.drop_last, self.seed = size, batch_size, shuffle, drop_last, seed
+        if drop_last:
+            self.num_batches = size // (self.world_size * batch_size)
+            self.num_samples = self.num_batches * batch_size
+            if self.num_batches == 0:
+                raise ValueError(
+                    f"{size} samples do not fill one batch of {batch_size} on each of {self.world_size} ranks: "
+                    "lower batch_size, add images, or set drop_last=False"
+                )
+        else:
+            self.num_samples = math.ceil(size / self.world_size)
+            self.num_batches = math.ceil(self.num_samples / batch_size)
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration at batch ``n`` of the epoch (then back to full epochs)."""
+        if not 0 <= n <= self.num_batches:
+            raise ValueError(f"cannot skip {n} batches of an epoch of {self.num_batches}")
+        self._skip = n
+
+    def indices(self) -> np.ndarray:
+        """This rank's sample indices for the current epoch, before any skip."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        total = self.num_samples * self.world_size
+        order = order[:total] if self.drop_last else np.resize(order, total)  # np.resize repeats from the start
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self._skip = self._skip * self.batch_size, 0
+        epoch = self.epoch
+        return iter([(int(i), epoch) for i in self.indices()[start:]])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        return (
+            f"EpochSampler(size={self.size}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
+            f"drop_last={self.drop_last}, seed={self.seed}, rank={self.rank}, world_size={self.world_size})"
+        )

@@ -1,0 +1,332 @@
+"""Fine-tuning, linear probing and kNN evaluation of a (SimMIM-pretrained) SwinV2 encoder.
+
+``python -m simmim.finetune recipe=NAME pretrained=PATH data.root=PATH key=value ...``
+
+The fine-tuning recipe is the official one (SwinT main_simmim_ft.py, utils_simmim.py): AdamW with layer-wise lr
+decay (applied once), no decay for norms/biases/position-bias MLP, per-step warmup + cosine, gradient clipping
+5.0, drop path, mixup / cutmix / label smoothing with a soft-target cross-entropy, RandAugment + random erasing,
+eval resize + centre crop. ``mode: linear_probe`` trains only a linear head on the frozen encoder's pooled
+features (encoder in eval mode, no BatchNorm); ``mode: knn`` trains nothing and reports weighted kNN accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
+from simmim.config import RecipeError, load_recipe, save_recipe
+from simmim.data import ClassificationDataModule
+from simmim.mixup import Mixup, SoftTargetCrossEntropy
+from simmim.models.swinv2 import SwinTransformerV2, create_model
+from simmim.optim import LRSchedule, build_optimizer, build_scheduler, scale_lr
+
+__all__ = ["FinetuneModule", "run", "main"]
+
+MODES = ("finetune", "linear_probe", "knn")
+
+
+class FinetuneModule(pl.LightningModule):
+    """Image classification with a SwinV2: full fine-tuning or a linear probe on the frozen encoder.
+
+    ``lr``, ``warmup_lr`` and ``min_lr`` are per 512 images and scaled by the total batch (batch size x devices
+    x accumulation) when the optimizer is built, as in the official code. Validation and test log ``top1``,
+    ``top5`` (with >= 5 classes) and ``loss``; the test also keeps per-class accuracy and the confusion matrix in
+    :attr:`test_results`.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        model_kwargs: dict[str, Any] | None = None,
+        mode: str = "finetune",
+        batch_size: int = 128,
+        lr: float = 1.25e-3,
+        warmup_lr: float = 2.5e-7,
+        min_lr: float = 2.5e-7,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.75,
+        warmup_epochs: float = 20,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        switch_prob: float = 0.5,
+        mixup_prob: float = 1.0,
+        label_smoothing: float = 0.1,
+        class_names: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in ("finetune", "linear_probe"):
+            raise ValueError(f"FinetuneModule mode must be finetune or linear_probe, got {mode!r}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+        self.save_hyperparameters()
+        self.mode = mode
+        self.model: SwinTransformerV2 = create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if mode == "linear_probe":
+            # Official SimMIM-style probing: frozen encoder (norms included, eval mode), a linear layer on the
+            # average-pooled features; no BatchNorm. Zero init as MAE/SimMIM probes (trunc-normal 0.01 in MAE).
+            self.model.requires_grad_(False)
+            self.model.head.requires_grad_(True)
+            torch.nn.init.trunc_normal_(self.model.head.weight, std=0.01)
+            torch.nn.init.zeros_(self.model.head.bias)
+        self.mixup = Mixup(num_classes, mixup_alpha, cutmix_alpha, switch_prob, mixup_prob, label_smoothing, seed)
+        self.soft_ce = SoftTargetCrossEntropy()
+        self.label_smoothing = label_smoothing
+        topk = (1, 5) if num_classes >= 5 else (1,)
+        for split in ("val", "test"):
+            metrics = {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in topk}
+            setattr(self, f"{split}_metrics", torch.nn.ModuleDict(metrics))
+        self.test_per_class = MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_results: dict[str, Any] = {}
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self.mode == "linear_probe":  # the frozen encoder stays in eval mode (norms, drop path, dropout)
+            self.model.eval()
+            self.model.head.train()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mode == "linear_probe":
+            with torch.no_grad():
+                pooled = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            return self.model.head(pooled)
+        return self.model(images)
+
+    def load_pretrained(self, path: str | Path, trust_checkpoint: bool = False) -> LoadReport:
+        """Load encoder weights of any layout (see :func:`simmim.checkpoint.load_pretrained`)."""
+        return load_pretrained(self.model, path, trust_checkpoint=trust_checkpoint)
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        if self.mode == "finetune" and self.mixup.active:
+            images, targets = self.mixup(images, labels)
+            loss = self.soft_ce(self(images), targets)
+        else:
+            loss = F.cross_entropy(self(images).float(), labels, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=labels.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        logits = self(images).float()
+        loss = F.cross_entropy(logits, labels)
+        self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.shape[0])
+        for name, metric in getattr(self, f"{split}_metrics").items():
+            metric.update(logits, labels)
+            self.log(f"{split}/{name}", metric, on_epoch=True, prog_bar=name == "top1")
+        return logits
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self._eval_step(batch, "test")
+        self.test_per_class.update(logits, batch["label"])
+        self.test_confusion.update(logits, batch["label"])
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_per_class.compute().mul(100).tolist()
+        for name, acc in zip(self.class_names, per_class):
+            self.log(f"test/acc_class/{name}", acc)
+        self.test_results = {
+            "per_class_top1": dict(zip(self.class_names, per_class)),
+            "confusion_matrix": self.test_confusion.compute().tolist(),
+        }
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+
+    # ---- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        total_batch = hp.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        lr, warmup_lr, min_lr = (scale_lr(v, total_batch) for v in (hp.lr, hp.warmup_lr, hp.min_lr))
+        if self.mode == "linear_probe":
+            params = [{"params": list(self.model.head.parameters()), "lr": lr, "weight_decay": hp.weight_decay}]
+            if hp.optimizer == "sgd":
+                opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=hp.momentum)
+            else:
+                opt = torch.optim.AdamW(params, lr=lr)
+        elif hp.optimizer == "sgd":
+            raise ValueError("fine-tuning uses AdamW (optim.name=adamw); sgd is for mode=linear_probe")
+        else:
+            opt = build_optimizer(self.model, lr, hp.weight_decay, hp.layer_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        schedule = LRSchedule(total, int(hp.warmup_epochs * steps_per_epoch), warmup_lr, min_lr, "cosine")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": build_scheduler(opt, schedule), "interval": "step"}}
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+
+def _data_module(cfg: DictConfig) -> ClassificationDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return ClassificationDataModule(**data, img_size=cfg.model.img_size, seed=cfg.seed)
+
+
+def _memory_bank_loader(dm: ClassificationDataModule) -> DataLoader:
+    """The training images with evaluation transforms (the kNN memory bank)."""
+    return dm._loader(dm._dataset(dm.source, dm.eval_transform, dm.train_indices))
+
+
+def _model_kwargs(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    if kw.get("pretrained_window_sizes") is None:
+        kw.pop("pretrained_window_sizes", None)
+        if windows is not None:  # the weights' own windows: the official transfer rule, read from the checkpoint
+            kw["pretrained_window_sizes"] = list(windows)
+    return kw
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    name = cfg.get("run_name") or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.output_dir) / str(name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_confusion(matrix: list[list[int]], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * n, 1.5 + 0.5 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="test confusion matrix")
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _run_knn(cfg: DictConfig, run_dir: Path, windows: Sequence[int] | None) -> dict[str, Any]:
+    from simmim.eval import knn_evaluate
+
+    if not cfg.pretrained:
+        raise RecipeError("mode=knn evaluates pretrained weights: give pretrained=PATH")
+    model = create_model(cfg.model.name, num_classes=0, **_model_kwargs(cfg, windows))
+    report = load_pretrained(model, cfg.pretrained, trust_checkpoint=cfg.trust_checkpoint)
+    print(report)
+    dm = _data_module(cfg)
+    dm.setup("fit")
+    bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
+    result = knn_evaluate(
+        model, _memory_bank_loader(dm), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
+    )
+    return {"mode": "knn", "k": cfg.knn.k, "temperature": cfg.knn.temperature, "val": result}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run a resolved recipe; returns the final metrics (also written to ``<run dir>/metrics.json``)."""
+    if cfg.mode not in MODES:
+        raise RecipeError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = _run_dir(cfg)
+    save_recipe(cfg, run_dir / "recipe.yaml")
+    weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
+    windows = weights.window_sizes if weights is not None else None
+    if cfg.mode == "knn":
+        metrics = _run_knn(cfg, run_dir, windows)
+        _write_json(metrics, run_dir / "metrics.json")
+        return metrics
+    if cfg.mode == "linear_probe" and weights is None:
+        print("warning: linear probing random weights (no pretrained=PATH given)", file=sys.stderr)
+
+    dm = _data_module(cfg)
+    o, m = cfg.optim, cfg.mixup
+    module = FinetuneModule(
+        cfg.model.name, dm.num_classes, _model_kwargs(cfg, windows), cfg.mode, cfg.data.batch_size,
+        o.lr, o.warmup_lr, o.min_lr, o.weight_decay, o.layer_decay, o.warmup_epochs, o.name, o.momentum,
+        m.mixup_alpha, m.cutmix_alpha, m.switch_prob, m.prob, m.label_smoothing, dm.class_names,
+        cfg.seed,
+    )  # fmt: skip
+    load = None
+    if weights is not None:
+        load = load_pretrained(module.model, weights)
+        print(load)
+        (run_dir / "load_report.txt").write_text(str(load) + "\n")
+
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/top1", mode="max", save_last=True
+    )
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = pl.Trainer(
+        default_root_dir=run_dir,
+        logger=[TensorBoardLogger(run_dir, name="logs", version=""), CSVLogger(run_dir, name="logs", version="")],
+        callbacks=[ckpt, LearningRateMonitor("step")],
+        **trainer_kw,
+    )
+    trainer.fit(module, datamodule=dm)
+    best = ckpt.best_model_path or None
+    test_split = "val" if dm.test_source is dm.val_source else "test"  # no separate test split: the val set
+    (result,) = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=best, weights_only=False)
+    metrics = {
+        "mode": cfg.mode,
+        "recipe": cfg.recipe,
+        "pretrained": cfg.pretrained,
+        "best_checkpoint": best,
+        "best_val_top1": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+        "epochs": trainer.current_epoch,
+        "test_split": test_split,
+        "test": {k.split("/", 1)[1]: v for k, v in result.items() if "acc_class" not in k},
+        **module.test_results,
+        "load_report": load.as_dict() if load is not None else None,
+    }
+    if trainer.is_global_zero:
+        _write_json(metrics, run_dir / "metrics.json")
+        _save_confusion(metrics["confusion_matrix"], module.class_names, run_dir / "confusion_matrix.png")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_recipe("finetune", argv, default="quickstart")
+        metrics = run(cfg)
+    except (RecipeError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "load_report")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

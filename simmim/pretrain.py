@@ -1,0 +1,435 @@
+"""SimMIM pretraining: the LightningModule and ``python -m simmim.pretrain recipe=NAME key=value ...``.
+
+recipe -> PretrainDataModule (images, masks) -> SimMIMPretrainModule -> SimMIM(model) -> loss. A run folder
+holds the resolved ``recipe.yaml``, TensorBoard + CSV logs, checkpoints (``checkpoints/step=*.ckpt`` and
+``last.ckpt``, written atomically), and at the end ``encoder.safetensors`` and ``reconstructions.png``.
+
+Lightning checkpoints keep the SimMIM model under ``model.``: encoder weights are ``model.encoder.<official
+key>``, the head ``model.decoder.*``; ``hyper_parameters["model_config"]`` rebuilds the encoder with
+``simmim.models.create_model(**config)`` (its ``model`` key is the name).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
+from simmim.checkpoint import save_encoder
+from simmim.config import RecipeError, load_recipe, save_recipe
+from simmim.models.simmim import SimMIM, build_simmim
+from simmim.models.swinv2 import MODEL_CONFIGS
+from simmim.optim import LRSchedule, build_optimizer, build_scheduler, scale_lr
+
+__all__ = ["SimMIMPretrainModule", "model_config", "check_geometry", "run", "main"]
+
+RUNTIME_ONLY = ("use_checkpoint", "attn_chunk_size")  # model options that change memory, not weights
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full encoder config ``{"model": name, embed_dim, depths, ..., overrides}`` that rebuilds it with
+    ``create_model(**config)``; runtime-only options (activation checkpointing, attention chunks) are left out."""
+    if name not in MODEL_CONFIGS:
+        raise RecipeError(f"model.name={name!r} is not a known model; available: {', '.join(sorted(MODEL_CONFIGS))}")
+    cfg = {"model": name, **MODEL_CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k not in RUNTIME_ONLY}
+
+
+class SimMIMPretrainModule(pl.LightningModule):
+    """SimMIM pretraining of a SwinV2 encoder.
+
+    Args:
+        model: a name in ``MODEL_CONFIGS`` (``swinv2_base``, ``swinv2_nano``, ...).
+        model_kwargs: encoder constructor overrides (``img_size``, ``window_size``, ``drop_path_rate``, ...).
+        norm_target / norm_target_patch_size: the official NORM_TARGET (locally normalised pixel targets).
+        optim: ``lr``, ``warmup_lr``, ``min_lr`` (per 512 images), ``weight_decay``, ``layer_decay``, ``betas``,
+            ``eps``, ``official_wd_exemption_bug`` (see :mod:`simmim.optim`).
+        schedule: ``name`` (cosine | multistep | constant), ``epochs``, ``warmup_epochs``, ``milestones``
+            (epochs), ``gamma``. Steps come from the train loader length and ``accumulate_grad_batches``.
+        batch_size: images per device per step, for the lr scaling; None reads the datamodule's ``batch_size``.
+        init_from: optional weights (any layout :func:`simmim.checkpoint.load_pretrained` reads) to start from.
+    """
+
+    def __init__(
+        self,
+        model: str = "swinv2_nano",
+        model_kwargs: Mapping[str, Any] | None = None,
+        norm_target: bool = False,
+        norm_target_patch_size: int = 47,
+        optim: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(model_kwargs or {})
+        self.save_hyperparameters(
+            {
+                "model_config": model_config(model, **kwargs),
+                "model_kwargs": kwargs,
+                "norm_target": norm_target,
+                "norm_target_patch_size": norm_target_patch_size,
+                "optim": dict(optim or {}),
+                "schedule": dict(schedule or {}),
+                "batch_size": batch_size,
+                "init_from": init_from,
+            }
+        )
+        self.model: SimMIM = build_simmim(
+            model, norm_target=norm_target, norm_target_patch_size=norm_target_patch_size, **kwargs
+        )
+        if init_from:
+            from simmim.checkpoint import load_pretrained
+
+            print(load_pretrained(self.model.encoder, init_from))
+        self.optim_cfg = {
+            "lr": 1e-4,
+            "warmup_lr": 5e-7,
+            "min_lr": 5e-6,
+            "weight_decay": 0.05,
+            "layer_decay": 1.0,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "official_wd_exemption_bug": True,
+            **(optim or {}),
+        }
+        self.schedule_cfg = {
+            "name": "multistep",
+            "epochs": 800,
+            "warmup_epochs": 10,
+            "milestones": [700],
+            "gamma": 0.1,
+            **(schedule or {}),
+        }
+        self._resume_position: tuple[int, int] | None = None
+        self._rng_state: torch.Tensor | None = None
+
+    # ---- steps --------------------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(image, mask)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(batch["image"], batch["mask"])
+        lr = max(g["lr"] for g in self.optimizers().param_groups)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        self.log("lr", lr, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(batch["image"], batch["mask"])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
+        return loss
+
+    # ---- optimiser and schedule -------------------------------------------------------------------------
+    def total_batch(self) -> int:
+        """Images per optimizer step over all devices: batch * world size * accumulation (the lr scaling)."""
+        batch = self.hparams.batch_size or getattr(self.trainer.datamodule, "batch_size", None)
+        if not batch:
+            raise ValueError("SimMIMPretrainModule needs batch_size (or a datamodule with .batch_size) to scale lr")
+        return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def steps_per_epoch(self) -> int:
+        self.trainer.estimated_stepping_batches  # noqa: B018 - sizes the train loader (num_training_batches)
+        return max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o, s = self.optim_cfg, self.schedule_cfg
+        total = self.total_batch()
+        optimizer = build_optimizer(
+            self.model,
+            lr=scale_lr(o["lr"], total),
+            weight_decay=o["weight_decay"],
+            layer_decay=o["layer_decay"],
+            betas=o["betas"],
+            eps=o["eps"],
+            official_wd_exemption_bug=o["official_wd_exemption_bug"],
+        )
+        per_epoch = self.steps_per_epoch()
+        schedule = LRSchedule(
+            total_steps=round(s["epochs"] * per_epoch),
+            warmup_steps=round(s["warmup_epochs"] * per_epoch),
+            warmup_lr=scale_lr(o["warmup_lr"], total),
+            min_lr=scale_lr(o["min_lr"], total),
+            name=s["name"],
+            milestones=tuple(round(m * per_epoch) for m in s["milestones"]),
+            gamma=s["gamma"],
+        )
+        scheduler = build_scheduler(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- exact resume --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Where the data stream stands: epoch and batches done in it (the current one included when saving
+        # at a batch end), so a resume continues with the same batches, masks and augmentations.
+        loop = self.trainer.fit_loop
+        epoch, done = loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+        if done >= self.trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        checkpoint["simmim"] = {"epoch": int(epoch), "batches_done": int(done), "torch_rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("simmim")
+        if state is None:
+            return
+        self._resume_position = (state["epoch"], state["batches_done"])
+        self._rng_state = state["torch_rng"]
+        # Runs before the train loader is created (and iterated): tell the sampler where to start.
+        self._position_sampler()
+
+    def _position_sampler(self) -> None:
+        if self._resume_position is None:
+            return
+        sampler = _train_sampler(self.trainer.datamodule)
+        if sampler is None:
+            raise RuntimeError(
+                "exact resume needs a datamodule whose train sampler offers set_epoch() and skip_batches() "
+                "(simmim.data.PretrainDataModule does)"
+            )
+        epoch, done = self._resume_position
+        sampler.set_epoch(epoch)
+        sampler.skip_batches(done)
+
+    def on_train_start(self) -> None:
+        # drop path draws from the global generator: continue its stream where the checkpoint left it
+        if self._rng_state is not None:
+            torch.set_rng_state(self._rng_state)
+            self._rng_state = None
+        self._resume_position = None
+
+
+def _train_sampler(datamodule: Any) -> Any:
+    sampler = getattr(datamodule, "train_sampler", None)
+    return sampler if hasattr(sampler, "skip_batches") and hasattr(sampler, "set_epoch") else None
+
+
+# ---- recipe -> objects ---------------------------------------------------------------------------------------
+def check_geometry(cfg: DictConfig) -> None:
+    """Errors for impossible image / mask / window geometry, before any model or data is built."""
+    m, d = cfg.model, cfg.data
+    full = model_config(m.name, **{k: v for k, v in m.items() if k in ("img_size", "window_size", "patch_size")})
+    img, patch, window = int(m.img_size), int(full.get("patch_size", 4)), full.get("window_size", 7)
+    mp, ratio = int(d.mask_patch_size), float(d.mask_ratio)
+    if img % mp:
+        raise RecipeError(
+            f"model.img_size={img} is not divisible by data.mask_patch_size={mp}: use an image size that is a "
+            f"multiple of {mp} (e.g. {max(mp, img // mp * mp)}) or another mask_patch_size"
+        )
+    if mp % patch:
+        raise RecipeError(
+            f"data.mask_patch_size={mp} is not divisible by the model's patch size {patch}: use a multiple of {patch}"
+        )
+    if not 0.0 < ratio < 1.0:
+        raise RecipeError(f"data.mask_ratio={ratio} must lie strictly between 0 and 1 (the paper uses 0.6)")
+    grid = img // patch
+    if window > grid:
+        raise RecipeError(
+            f"model.window_size={window} is larger than the first stage's {grid}x{grid} token grid "
+            f"(img_size {img} / patch {patch}): every stage would attend globally; use window_size <= {grid}"
+        )
+    if m.norm_target and int(m.norm_target_patch_size) % 2 != 1:
+        raise RecipeError(f"model.norm_target_patch_size={m.norm_target_patch_size} must be odd (official: 47)")
+    if cfg.nan_policy not in ("auto", "stop", "skip"):
+        raise RecipeError(f"nan_policy={cfg.nan_policy!r}: use auto, stop or skip")
+    if cfg.schedule.name not in ("cosine", "multistep", "constant"):
+        raise RecipeError(f"schedule.name={cfg.schedule.name!r}: use cosine, multistep or constant")
+
+
+def build_module(cfg: DictConfig) -> SimMIMPretrainModule:
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    name = m.pop("name")
+    norm_target, nt_patch = m.pop("norm_target"), m.pop("norm_target_patch_size")
+    init_from = m.pop("init_from", None)
+    return SimMIMPretrainModule(
+        model=name,
+        model_kwargs=m,
+        norm_target=norm_target,
+        norm_target_patch_size=nt_patch,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+        batch_size=cfg.data.batch_size,
+        init_from=init_from,
+    )
+
+
+def build_datamodule(cfg: DictConfig, patch_size: int) -> pl.LightningDataModule:
+    from simmim.data import PretrainDataModule
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in ("crop_scale", "crop_ratio"):
+        data[key] = tuple(data[key])
+    return PretrainDataModule(img_size=cfg.model.img_size, model_patch_size=patch_size, seed=cfg.seed, **data)
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``run_dir``, else ``output_dir/<recipe>/<name or timestamp>``; shared with DDP worker processes."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    inherited = os.environ.get("SIMMIM_RUN_DIR")
+    if inherited:
+        return Path(inherited)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.name:
+        raise RecipeError("under a multi-process launcher give run_dir=PATH or name=NAME so every rank agrees")
+    name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / str(cfg.recipe) / str(name)
+
+
+def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        if not cfg.run_dir and not cfg.name:
+            raise RecipeError("resume=auto looks in the run folder: give run_dir=PATH (or name=NAME) as well")
+        found = latest_checkpoint(ckpt_dir)
+        if found is None:
+            print(f"resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")
+        return found
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise RecipeError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    return path
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    targs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if "max_epochs" in targs:
+        raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
+    every = int(cfg.checkpoint.every_n_steps)
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step={step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every if every > 0 else None,
+        save_top_k=-1 if cfg.checkpoint.keep_all else 1,  # 1: only the newest step checkpoint stays
+        save_last=True,
+    )
+    logs = run_dir / "logs"
+    version = f"version_{sum(1 for p in logs.glob('version_*'))}"  # one folder per launch (resumes add one)
+    loggers = [
+        TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
+        CSVLogger(logs, name=version, version="csv"),  # logs/version_N/csv/metrics.csv
+    ]
+    return pl.Trainer(
+        max_epochs=int(math.ceil(cfg.schedule.epochs)),
+        default_root_dir=run_dir,
+        logger=loggers,
+        callbacks=[ckpt, NonFiniteGuard(cfg.nan_policy), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
+        **targs,
+    )
+
+
+# ---- outputs --------------------------------------------------------------------------------------------------
+def export_encoder(module: SimMIMPretrainModule, path: str | Path) -> Path:
+    """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, config in metadata."""
+    sd = {k: v for k, v in module.model.encoder.state_dict().items() if k != "mask_token"}
+    config = {**module.hparams.model_config, "norm_target": module.hparams.norm_target}
+    return save_encoder(sd, path, config)
+
+
+def _sample_images(datamodule: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and masks of the validation split (else the training split)."""
+    has_val = getattr(datamodule, "val_set", None) is not None
+    images, masks = [], []
+    for batch in datamodule.val_dataloader() if has_val else datamodule.train_dataloader():
+        images.append(batch["image"])
+        masks.append(batch["mask"])
+        if sum(len(x) for x in images) >= n:
+            break
+    return torch.cat(images)[:n], torch.cat(masks)[:n]
+
+
+def save_reconstructions(module: SimMIMPretrainModule, datamodule: Any, path: str | Path, n: int = 8) -> Path:
+    """A grid original / masked / prediction / pasted for ``n`` images (:mod:`simmim.visualize`)."""
+    from simmim.visualize import IMAGENET_MEAN, IMAGENET_STD, save_reconstruction_grid
+
+    images, masks = _sample_images(datamodule, n)
+    hp = getattr(datamodule, "hparams", {})
+    mean, std = hp.get("mean", IMAGENET_MEAN), hp.get("std", IMAGENET_STD)
+    title = f"{module.hparams.model_config['model']} step {module.global_step}"
+    save_reconstruction_grid(module.model, images, masks, path, mean=mean, std=std, title=title)
+    return Path(path)
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Run a resolved recipe (see :func:`simmim.config.load_recipe`); returns paths and the final loss."""
+    check_geometry(cfg)
+    run_dir = resolve_run_dir(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    resume = resolve_resume(cfg, ckpt_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module.model.patch_size)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        save_recipe(cfg, run_dir / "recipe.yaml")
+    start = time.perf_counter()
+    os.environ["SIMMIM_RUN_DIR"] = str(run_dir)  # DDP workers spawned by Lightning reuse the same folder
+    try:
+        with warnings.catch_warnings():
+            # mid-epoch resumes are exact here: the sampler skips the batches already seen (on_load_checkpoint)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    finally:
+        os.environ.pop("SIMMIM_RUN_DIR", None)
+    out: dict[str, Any] = {
+        "run_dir": run_dir,
+        "seconds": time.perf_counter() - start,
+        "steps": trainer.global_step,
+        "loss": float(trainer.callback_metrics.get("train/loss_step", float("nan"))),
+    }
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    out["checkpoint"] = ckpt_dir / "last.ckpt"
+    if trainer.is_global_zero:
+        out["encoder"] = export_encoder(module, run_dir / "encoder.safetensors")
+        if cfg.reconstructions > 0:
+            out["reconstructions"] = save_reconstructions(
+                module, datamodule, run_dir / "reconstructions.png", cfg.reconstructions
+            )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simmim.pretrain recipe=NAME key=value ...`` (no arguments: recipe quickstart)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_recipe("pretrain", argv)
+        out = run(cfg)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if out.get("encoder"):
+        print(
+            f"done: {out['steps']} steps in {out['seconds']:.0f} s, final loss {out['loss']:.4f}\n"
+            f"  run folder      {out['run_dir']}\n"
+            f"  checkpoint      {out['checkpoint']}\n"
+            f"  encoder         {out['encoder']}\n"
+            + (f"  reconstructions {out['reconstructions']}\n" if "reconstructions" in out else "")
+            + f"  logs            tensorboard --logdir {out['run_dir'] / 'logs'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

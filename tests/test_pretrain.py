@@ -1,0 +1,243 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
+from simmim.checkpoint import load_encoder
+from simmim.config import load_recipe
+from simmim.data import PretrainDataModule
+from simmim.models import create_model
+from simmim.pretrain import SimMIMPretrainModule, run
+
+STEPS = 14  # 24 images, batch 4: 6 steps per epoch, so runs cross two epoch boundaries
+
+
+def _args(folder, run_dir, *extra):
+    return [
+        "recipe=quickstart",
+        f"data.root={folder}",
+        "data.source=folder",
+        "data.val_fraction=0.0",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "model.drop_path_rate=0.1",  # exercises the global RNG across resumes
+        "optim.lr=0.2",
+        "schedule.epochs=3",
+        "schedule.warmup_epochs=0.5",
+        f"trainer.max_steps={STEPS}",
+        "trainer.limit_train_batches=1.0",
+        "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "checkpoint.every_n_steps=3",
+        "checkpoint.keep_all=true",
+        "reconstructions=0",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def _losses(run_dir, version=None):
+    """{global step: loss} from the run's CSV metrics (last launch unless ``version``)."""
+    logs = sorted((Path(run_dir) / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    path = (logs[-1] if version is None else Path(run_dir) / "logs" / f"version_{version}") / "csv" / "metrics.csv"
+    with open(path) as f:
+        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")}
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "simmim.pretrain", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(image_folder, tmp_path_factory):
+    """An uninterrupted run of STEPS steps with checkpoints every 3 steps."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    out = run(load_recipe("pretrain", _args(image_folder, run_dir)))
+    return run_dir, out
+
+
+def test_lightning_module_fit_lowers_loss(image_folder, tmp_path):
+    pl.seed_everything(0)
+    dm = PretrainDataModule(image_folder, "folder", img_size=32, mask_patch_size=8, batch_size=8, num_workers=0)
+    module = SimMIMPretrainModule(
+        "swinv2_nano",
+        {"img_size": 32, "window_size": 4, "drop_path_rate": 0.0},
+        optim={"lr": 0.5, "warmup_lr": 0.0, "min_lr": 0.0},
+        schedule={"name": "cosine", "epochs": 10, "warmup_epochs": 1, "milestones": []},
+    )
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs["loss"].item())
+
+    trainer = pl.Trainer(
+        max_epochs=10,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=5.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(seen) == 30
+    assert sum(seen[-5:]) / 5 < 0.8 * sum(seen[:5]) / 5, seen
+    # lr scaled by total batch / 512 and warmed up from 0 over one epoch (3 steps)
+    assert module.optimizers().param_groups[0]["initial_lr"] == pytest.approx(0.5 * 8 / 512)
+
+
+def test_reference_run_outputs(reference):
+    run_dir, out = reference
+    assert out["steps"] == STEPS
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step=000003.ckpt", "step=000006.ckpt", "step=000009.ckpt", "step=000012.ckpt"]
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(STEPS))
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects inside
+    assert ck["global_step"] == STEPS
+    assert "model.encoder.patch_embed.proj.weight" in ck["state_dict"]
+    assert ck["hyper_parameters"]["model_config"]["model"] == "swinv2_nano"
+
+
+def test_resume_from_mid_epoch_checkpoint_matches(reference, image_folder, tmp_path):
+    ref_dir, _ = reference
+    ckpt = ref_dir / "checkpoints" / "step=000009.ckpt"  # epoch 1, batch 3 of 6
+    run(load_recipe("pretrain", _args(image_folder, tmp_path, f"resume={ckpt}")))
+    ref, resumed = _losses(ref_dir), _losses(tmp_path)
+    assert sorted(resumed) == list(range(9, STEPS))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_atomic_checkpoint_survives_crash_during_write(reference, tmp_path):
+    good = tmp_path / "last.ckpt"
+    good.write_bytes((reference[0] / "checkpoints" / "step=000003.ckpt").read_bytes())
+    before = good.read_bytes()
+
+    class Crash:
+        def __reduce__(self):
+            raise OSError("disk pulled mid-write")
+
+    big = {"state_dict": {"w": torch.zeros(1 << 20)}, "boom": Crash()}  # tensor data is written before the crash
+    with pytest.raises(OSError, match="mid-write"):
+        AtomicCheckpointIO().save_checkpoint(big, good)
+    assert good.read_bytes() == before
+    assert torch.load(good, weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+
+
+class PoisonBatch(pl.Callback):
+    """Fills the images of the batch at optimizer step ``step`` with NaN (a corrupt sample / overflow)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch["image"].fill_(float("nan"))
+
+
+def test_nan_stops_with_message_and_keeps_good_checkpoint(image_folder, tmp_path):
+    cfg = load_recipe("pretrain", _args(image_folder, tmp_path, "checkpoint.every_n_steps=2", "nan_policy=auto"))
+    with pytest.raises(NonFiniteError) as e:
+        run(cfg, callbacks=[PoisonBatch(5)])
+    msg = str(e.value)
+    assert "optimizer step 5" in msg and "loss is nan" in msg
+    assert "model.encoder.patch_embed.proj.weight" in msg and "nan_policy=skip" in msg
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'}" in msg
+    ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in ckpts] == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    for path in ckpts:
+        ck = torch.load(path, weights_only=True)
+        assert ck["global_step"] == (4 if path.name == "last.ckpt" else int(path.stem[5:]))
+        assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_nan_skip_policy_drops_the_update(image_folder, tmp_path):
+    cfg = load_recipe("pretrain", _args(image_folder, tmp_path, "trainer.max_steps=6", "nan_policy=skip"))
+    out = run(cfg, callbacks=[PoisonBatch(3)])
+    assert out["steps"] == 6
+    losses = _losses(tmp_path)
+    assert losses[3] != losses[3]  # the poisoned step's loss is NaN ...
+    assert all(v == v for s, v in losses.items() if s != 3)  # ... and training went on with finite losses
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+    assert ck["callbacks"]["NonFiniteGuard"]["skipped"] == 1
+
+
+@pytest.mark.slow
+def test_cli_outputs(image_folder, tmp_path):
+    res = _cli(*_args(image_folder, tmp_path, "trainer.max_steps=4", "reconstructions=4"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"encoder         {tmp_path / 'encoder.safetensors'}" in res.stdout
+    for name in ("recipe.yaml", "checkpoints/last.ckpt", "encoder.safetensors", "reconstructions.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "batch_size: 4" in (tmp_path / "recipe.yaml").read_text()
+    sd, config = load_encoder(tmp_path / "encoder.safetensors")
+    assert "mask_token" not in sd and not any(k.startswith("encoder.") for k in sd)
+    model_name = config.pop("model")
+    config.pop("norm_target")
+    encoder = create_model(model_name, num_classes=0, **config)
+    encoder.load_state_dict(sd)  # strict: the export rebuilds exactly
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(
+        ck["state_dict"]["model.encoder.layers.0.blocks.0.attn.qkv.weight"], sd["layers.0.blocks.0.attn.qkv.weight"]
+    )
+    from PIL import Image
+
+    assert Image.open(tmp_path / "reconstructions.png").size[0] > 4 * 32
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["data.batchsize=3"], "unknown key 'data.batchsize'"),
+        (["recipe=quickstar"], "Did you mean recipe=quickstart?"),
+        (["data.mask_patch_size=12"], "model.img_size=32 is not divisible by data.mask_patch_size=12"),
+    ],
+)
+def test_cli_errors_are_one_line(args, text):
+    res = _cli(*args, timeout=120)
+    assert res.returncode == 2
+    assert text in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto(reference, image_folder, tmp_path):
+    ref_losses = _losses(reference[0])
+    args = _args(image_folder, tmp_path, "checkpoint.keep_all=false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simmim.pretrain", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = tmp_path / "checkpoints" / "step=000003.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    res = _cli(*args, "resume=auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = _losses(tmp_path)
+    start = min(resumed)
+    assert 3 <= start < STEPS and max(resumed) == STEPS - 1
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(ref_losses[step], abs=1e-6), step

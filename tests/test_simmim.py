@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from simmim.models.simmim import build_simmim, masked_l1, norm_targets, upsample_mask
+
+
+def test_masked_l1_hand_computed():
+    target = torch.zeros(1, 3, 2, 2)
+    rec = torch.full((1, 3, 2, 2), 100.0)  # unmasked pixels: ignored whatever they hold
+    rec[0, :, 0, 0] = torch.tensor([1.0, 2.0, 3.0])  # |.| sums to 6
+    rec[0, :, 1, 1] = torch.tensor([-1.0, 0.0, 1.0])  # |.| sums to 2
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    # official: sum(|x - rec| * mask) / (sum(mask) + 1e-5) / in_chans = 8 / 2.00001 / 3
+    assert masked_l1(target, rec, mask).item() == pytest.approx(8 / 2.00001 / 3, rel=1e-6)
+    per = masked_l1(target.repeat(2, 1, 1, 1), rec.repeat(2, 1, 1, 1), mask.repeat(2, 1, 1, 1), per_sample=True)
+    assert torch.allclose(per, torch.full((2,), 8 / 2.00001 / 3))
+
+
+def test_upsample_mask_repeats_each_patch():
+    m = torch.tensor([[[1, 0], [0, 1]]])
+    up = upsample_mask(m, 4)
+    assert up.shape == (1, 1, 8, 8)
+    assert up[0, 0, :4, :4].eq(1).all() and up[0, 0, :4, 4:].eq(0).all() and up[0, 0, 4:, 4:].eq(1).all()
+
+
+def test_norm_targets_matches_direct_per_pixel():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 7, 9, dtype=torch.float64)
+    k = 5
+    t, mean, std = norm_targets(x, k, return_stats=True)
+    expect = torch.empty_like(x)
+    for c in range(2):
+        for i in range(7):
+            for j in range(9):
+                nb = x[0, c, max(0, i - 2) : i + 3, max(0, j - 2) : j + 3].flatten()  # in-image neighbours only
+                var = nb.var(unbiased=True)
+                expect[0, c, i, j] = (x[0, c, i, j] - nb.mean()) / (var + 1e-6).sqrt()
+    assert torch.allclose(t.double(), expect, atol=1e-4)
+    with pytest.raises(ValueError, match="must be odd"):
+        norm_targets(x, 4)
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+def test_model_loss_is_the_official_formula(norm_target):
+    torch.manual_seed(0)
+    model = build_simmim("swinv2_nano", img_size=32, norm_target=norm_target, norm_target_patch_size=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = (torch.rand(2, 8, 8) > 0.5).long()
+    with torch.no_grad():
+        loss = model(x, mask)
+        rec = model.reconstruct(x, mask)
+    target = norm_targets(x, 7) if norm_target else x
+    m = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
+    expect = ((target - rec).abs() * m).sum() / (m.sum() + 1e-5) / 3
+    assert torch.allclose(loss, expect, rtol=1e-5)
+
+
+def test_loss_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_simmim("swinv2_nano", img_size=32)
+    x, mask = torch.randn(2, 3, 32, 32), (torch.rand(2, 8, 8) > 0.5).long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, mask)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
