@@ -42,8 +42,8 @@ class FinetuneModule(pl.LightningModule):
 
     ``lr``, ``warmup_lr`` and ``min_lr`` are per 512 images and scaled by the total batch (batch size x devices
     x accumulation) when the optimizer is built, as in the official code. Validation and test log ``top1``,
-    ``top5`` (with >= 5 classes) and ``loss``; the test also keeps per-class accuracy and the confusion matrix in
-    :attr:`test_results`.
+    ``top5`` (with >= 5 classes; in percent) and ``loss``; the test also keeps per-class accuracy and the
+    confusion matrix in :attr:`test_results`.
     """
 
     def __init__(
@@ -130,13 +130,21 @@ class FinetuneModule(pl.LightningModule):
         logits = self(images).float()
         loss = F.cross_entropy(logits, labels)
         self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.shape[0])
-        for name, metric in getattr(self, f"{split}_metrics").items():
+        for metric in getattr(self, f"{split}_metrics").values():
             metric.update(logits, labels)
-            self.log(f"{split}/{name}", metric, on_epoch=True, prog_bar=name == "top1")
         return logits
+
+    def _log_accuracy(self, split: str) -> None:
+        """Epoch accuracies in percent (torchmetrics syncs them across ranks)."""
+        for name, metric in getattr(self, f"{split}_metrics").items():
+            self.log(f"{split}/{name}", metric.compute() * 100, prog_bar=name == "top1")
+            metric.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self._eval_step(batch, "test")
@@ -144,6 +152,7 @@ class FinetuneModule(pl.LightningModule):
         self.test_confusion.update(logits, batch["label"])
 
     def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
         per_class = self.test_per_class.compute().mul(100).tolist()
         for name, acc in zip(self.class_names, per_class):
             self.log(f"test/acc_class/{name}", acc)

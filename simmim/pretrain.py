@@ -173,8 +173,11 @@ class SimMIMPretrainModule(pl.LightningModule):
         # Where the data stream stands: epoch and batches done in it (the current one included when saving
         # at a batch end), so a resume continues with the same batches, masks and augmentations.
         loop = self.trainer.fit_loop
-        epoch, done = loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
-        if done >= self.trainer.num_training_batches:
+        epochs, done = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current.processed
+        epoch = epochs.processed
+        if epochs.processed == epochs.started:  # between epochs (e.g. saved after fit): the next one starts fresh
+            done = 0
+        elif done >= self.trainer.num_training_batches:  # saved on the epoch's last batch
             epoch, done = epoch + 1, 0
         checkpoint["simmim"] = {"epoch": int(epoch), "batches_done": int(done), "torch_rng": torch.get_rng_state()}
 
@@ -384,7 +387,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         with warnings.catch_warnings():
             # mid-epoch resumes are exact here: the sampler skips the batches already seen (on_load_checkpoint)
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     finally:
         os.environ.pop("SIMMIM_RUN_DIR", None)
     out: dict[str, Any] = {
@@ -393,7 +396,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         "steps": trainer.global_step,
         "loss": float(trainer.callback_metrics.get("train/loss_step", float("nan"))),
     }
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     out["checkpoint"] = ckpt_dir / "last.ckpt"
     if trainer.is_global_zero:
         out["encoder"] = export_encoder(module, run_dir / "encoder.safetensors")

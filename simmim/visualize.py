@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,8 +536,12 @@ def load_simmim(path: str | Path) -> tuple[SimMIM, dict[str, Any]]:
             f"{path} is an exported encoder: it has no pixel decoder, so it cannot reconstruct. "
             "Pass the pretraining checkpoint instead (runs/<recipe>/<name>/checkpoints/last.ckpt)"
         )
+    if not zipfile.is_zipfile(path):
+        raise VisualizeError(f"{path} is not a PyTorch checkpoint (torch.save / Lightning .ckpt file)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # safe loading; paths are allowed since a datamodule's hyper-parameters may hold its root as a Path
+        with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the file is not a checkpoint we can read
         raise VisualizeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     obj = obj if isinstance(obj, dict) else {}

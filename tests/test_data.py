@@ -424,6 +424,8 @@ def test_classification_imagefolder_label_fraction_and_eval(tmp_path):
     assert torch.equal(torch.cat([b["label"] for b in val]), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2]))
     again = next(iter(dm.val_dataloader()))
     assert torch.equal(again["image"], val[0]["image"])
+    bank = list(dm.train_eval_dataloader())
+    assert torch.equal(torch.cat([b["label"] for b in bank]), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2]))
     assert np.array_equal(label_subset(np.array([0, 0, 1]), 0.1, 0), [0, 2])  # at least one per class
 
 

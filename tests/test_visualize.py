@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,126 @@ def test_attention_temperatures_and_position_bias_maps():
     bias = attn.position_bias()  # [nH, N, N]
     torch.testing.assert_close(m[0, w - 1, w - 1], bias[0, 0, 0])
     torch.testing.assert_close(m[0, w - 1 - 1, w - 1 - 2], bias[0, 0, 1 * w + 2])
+
+
+# ---- the callback, checkpoints and the CLI on a real tiny run --------------------------------------------
+@pytest.fixture(scope="module")
+def fitted(image_folder, tmp_path_factory):
+    """A 4-step bf16 fit on 24 real PNGs with the grid callback every 2 steps, and its checkpoint on disk."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from simmim.data import PretrainDataModule
+    from simmim.pretrain import SimMIMPretrainModule
+
+    root = tmp_path_factory.mktemp("fit")
+    pl.seed_everything(0)
+    dm = PretrainDataModule(image_folder, "folder", img_size=IMG, mask_patch_size=8, batch_size=4, num_workers=0)
+    module = SimMIMPretrainModule(
+        "swinv2_nano",
+        {"img_size": IMG, "window_size": 4},
+        optim={"lr": 0.5},
+        batch_size=4,
+        schedule={"name": "constant", "epochs": 1, "warmup_epochs": 0, "milestones": []},
+    )
+    callback = V.ReconstructionGridCallback(every_n_steps=2, num_images=3)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        max_steps=4,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        default_root_dir=root,
+        logger=TensorBoardLogger(root, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[callback],
+    )
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(root / "last.ckpt")
+    return trainer, module, callback, root
+
+
+def test_callback_logs_fixed_grids_during_fit(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, module, callback, _ = fitted
+    folder = Path(trainer.log_dir) / "reconstructions"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert module.training  # the callback put the model back in training mode
+    first, last = (np.asarray(Image.open(folder / n)) for n in ("step_000000.png", "step_000004.png"))
+    tile = IMG * math.ceil(96 / IMG)
+    assert first.shape == (
+        V.TITLE_H + V.CAPTION_H + 4 * (tile + V.PAD) + V.PAD,
+        V.LABEL_W + 3 * (tile + V.PAD) + V.PAD,
+        3,
+    )
+    # same images and masks at every step (original and masked rows identical); the prediction changed
+    rows = V.TITLE_H + V.CAPTION_H + V.PAD + 2 * (tile + V.PAD)
+    assert np.array_equal(first[V.TITLE_H + V.CAPTION_H : rows], last[V.TITLE_H + V.CAPTION_H : rows])
+    assert not np.array_equal(first[rows:], last[rows:])
+    # the datamodule's own masks for those images were used
+    assert callback.masks.shape == (3, IMG // 4, IMG // 4)
+    assert torch.equal(callback.masks, torch.stack([trainer.datamodule.train_set[i]["mask"] for i in range(3)]))
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("reconstructions")] == [0, 2, 4]
+
+
+def test_load_simmim_from_lightning_and_plain_files(fitted, tmp_path):
+    _, module, _, root = fitted
+    model, info = V.load_simmim(root / "last.ckpt")
+    assert info == {
+        "img_size": IMG,
+        "mask_patch_size": 8,
+        "mask_ratio": 0.6,
+        "mean": tuple(V.IMAGENET_MEAN),
+        "std": tuple(V.IMAGENET_STD),
+    }
+    _, x = _images(2)
+    masks = V.fixed_masks(2, IMG, 4, 8, 0.6, 0)
+    with torch.no_grad():
+        expected = module.model.eval().reconstruct(x, masks)
+        torch.testing.assert_close(model.reconstruct(x, masks), expected)
+    plain = tmp_path / "simmim.pt"
+    torch.save({"state_dict": module.model.state_dict(), "model_config": module.hparams.model_config}, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(V.load_simmim(plain)[0].reconstruct(x, masks), expected)
+
+
+def test_cli_writes_grid_from_checkpoint(fitted, image_folder, tmp_path):
+    import subprocess
+    import sys
+
+    _, _, _, root = fitted
+    out = tmp_path / "grid.png"
+    files = sorted(image_folder.iterdir())[:2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "simmim.visualize", str(root / "last.ckpt"), *map(str, files), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    tile = IMG * math.ceil(96 / IMG)  # the checkpoint's 32 px, from its datamodule hyper-parameters
+    expected = (V.TITLE_H + V.CAPTION_H + 4 * (tile + V.PAD) + V.PAD, V.LABEL_W + 2 * (tile + V.PAD) + V.PAD)
+    assert Image.open(out).size == expected[::-1]
+
+
+def test_cli_errors_are_one_line(fitted, image_folder, tmp_path, capsys):
+    _, _, _, root = fitted
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(tmp_path / "missing.ckpt"), str(image_folder)], "missing.ckpt does not exist"),
+        ([str(bad), str(image_folder)], "broken.png is not a PyTorch checkpoint"),
+        ([str(root / "last.ckpt"), str(bad)], "cannot read image"),
+        ([str(root / "last.ckpt"), str(tmp_path / "empty")], "holds no image files"),
+        ([str(root / "last.ckpt"), str(image_folder), "--mask-patch-size", "12"], "not divisible"),
+    ]
+    for args, text in cases:
+        assert V.main([*args, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert text in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()

@@ -288,6 +288,11 @@ class ClassificationDataModule(_DataModule):
             self.setup("test")
         return self._loader(self.test_set)
 
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images (after ``label_fraction``) with the evaluation transform, in order and sharded like
+        validation: features for a kNN memory bank or a linear probe."""
+        return self._loader(self._dataset(self.source, self.eval_transform, self.train_indices))
+
 
 def _subfolder(root: Root, name: str) -> Path | None:
     if root is None or not Path(root).is_dir() or not (Path(root) / name).is_dir():

@@ -210,8 +210,9 @@ def eval_transform(
 class SampleTransform:
     """PIL RGB image + per-sample seed -> ``{"image": float32 [3,H,W]}`` (+ ``"mask"`` int64 when masking).
 
-    ``augment`` is an albumentations pipeline ending in ``ToTensorV2``; ``mask_generator`` (pretraining) draws the
-    SimMIM mask from its own child of the seed, so masks do not depend on which augmentations ran.
+    ``augment`` is an albumentations pipeline ending in ``ToTensorV2`` (CHW tensor); ``mask_generator``
+    (pretraining) draws the SimMIM mask from its own child of the seed, so masks do not depend on which
+    augmentations ran.
     """
 
     def __init__(self, augment: A.Compose, mask_generator: MaskGenerator | None = None) -> None:
