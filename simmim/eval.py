@@ -10,10 +10,20 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from simmim.data import ClassificationDataModule
 from simmim.models.swinv2 import SwinTransformerV2
 
-__all__ = ["extract_features", "knn_predict", "knn_accuracy", "knn_evaluate", "find_encoder", "KNNMonitor"]
+__all__ = [
+    "extract_features",
+    "knn_predict",
+    "knn_accuracy",
+    "knn_evaluate",
+    "memory_bank_loader",
+    "find_encoder",
+    "KNNMonitor",
+]
 
 Loader = Iterable[Any]
 
@@ -106,6 +116,12 @@ def knn_evaluate(
     return knn_accuracy(tf, tl, vf, vl, k, temperature, num_classes)
 
 
+def memory_bank_loader(dm: ClassificationDataModule) -> DataLoader:
+    """The training images of a set-up :class:`ClassificationDataModule` with its *evaluation* transforms (the
+    kNN memory bank: no augmentation), in order."""
+    return dm._loader(dm._dataset(dm.source, dm.eval_transform, dm.train_indices))
+
+
 def find_encoder(module: torch.nn.Module) -> SwinTransformerV2:
     """The first SwinV2 inside ``module`` (e.g. ``pl_module.model.encoder`` of the pretraining module)."""
     for m in module.modules():
@@ -142,6 +158,20 @@ class KNNMonitor(pl.Callback):
         self.num_classes = num_classes
         self.bf16 = bf16
         self.history: list[tuple[int, dict[str, float]]] = []
+
+    @classmethod
+    def from_datamodule(cls, make: Callable[[], ClassificationDataModule], **kwargs: Any) -> KNNMonitor:
+        """A monitor over a labelled :class:`ClassificationDataModule` built by ``make()`` at the first
+        evaluation: memory bank = its training images (evaluation transforms), queries = its validation set."""
+        cache: dict[str, ClassificationDataModule] = {}
+
+        def dm() -> ClassificationDataModule:
+            if "dm" not in cache:
+                cache["dm"] = make()
+                cache["dm"].setup("fit")
+            return cache["dm"]
+
+        return cls(lambda: memory_bank_loader(dm()), lambda: dm().val_dataloader(), **kwargs)
 
     @staticmethod
     def _loader(source: Loader | Callable[[], Loader]) -> Loader:

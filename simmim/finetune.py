@@ -12,6 +12,7 @@ features (encoder in eval mode, no BatchNorm); ``mode: knn`` trains nothing and 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
@@ -92,7 +92,6 @@ class FinetuneModule(pl.LightningModule):
         for split in ("val", "test"):
             metrics = {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in topk}
             setattr(self, f"{split}_metrics", torch.nn.ModuleDict(metrics))
-        self.test_per_class = MulticlassAccuracy(num_classes, average="none")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_results: dict[str, Any] = {}
 
@@ -148,19 +147,21 @@ class FinetuneModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self._eval_step(batch, "test")
-        self.test_per_class.update(logits, batch["label"])
         self.test_confusion.update(logits, batch["label"])
 
     def on_test_epoch_end(self) -> None:
         self._log_accuracy("test")
-        per_class = self.test_per_class.compute().mul(100).tolist()
+        confusion = self.test_confusion.compute()
+        support = confusion.sum(1)
+        # accuracy per true class (recall), None for classes absent from the test set
+        per_class = [None if n == 0 else 100 * c / n for c, n in zip(confusion.diag().tolist(), support.tolist())]
         for name, acc in zip(self.class_names, per_class):
-            self.log(f"test/acc_class/{name}", acc)
+            if acc is not None:
+                self.log(f"test/acc_class/{name}", acc)
         self.test_results = {
             "per_class_top1": dict(zip(self.class_names, per_class)),
-            "confusion_matrix": self.test_confusion.compute().tolist(),
+            "confusion_matrix": confusion.tolist(),
         }
-        self.test_per_class.reset()
         self.test_confusion.reset()
 
     # ---- optimisation ------------------------------------------------------------------------------------
@@ -192,11 +193,6 @@ def _data_module(cfg: DictConfig) -> ClassificationDataModule:
     return ClassificationDataModule(**data, img_size=cfg.model.img_size, seed=cfg.seed)
 
 
-def _memory_bank_loader(dm: ClassificationDataModule) -> DataLoader:
-    """The training images with evaluation transforms (the kNN memory bank)."""
-    return dm._loader(dm._dataset(dm.source, dm.eval_transform, dm.train_indices))
-
-
 def _model_kwargs(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
     kw = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     if kw.get("pretrained_window_sizes") is None:
@@ -207,10 +203,10 @@ def _model_kwargs(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, A
 
 
 def _run_dir(cfg: DictConfig) -> Path:
-    name = cfg.get("run_name") or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(cfg.output_dir) / str(name)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """``run_dir``, else ``output_dir/<recipe>/<name or timestamp>`` (the pretraining CLI's layout)."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(cfg.output_dir) / str(cfg.recipe) / str(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _save_confusion(matrix: list[list[int]], names: list[str], path: Path) -> None:
@@ -240,8 +236,8 @@ def _write_json(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def _run_knn(cfg: DictConfig, run_dir: Path, windows: Sequence[int] | None) -> dict[str, Any]:
-    from simmim.eval import knn_evaluate
+def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
+    from simmim.eval import knn_evaluate, memory_bank_loader
 
     if not cfg.pretrained:
         raise RecipeError("mode=knn evaluates pretrained weights: give pretrained=PATH")
@@ -252,7 +248,7 @@ def _run_knn(cfg: DictConfig, run_dir: Path, windows: Sequence[int] | None) -> d
     dm.setup("fit")
     bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
     result = knn_evaluate(
-        model, _memory_bank_loader(dm), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
+        model, memory_bank_loader(dm), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
     )
     return {"mode": "knn", "k": cfg.knn.k, "temperature": cfg.knn.temperature, "val": result}
 
@@ -261,13 +257,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run a resolved recipe; returns the final metrics (also written to ``<run dir>/metrics.json``)."""
     if cfg.mode not in MODES:
         raise RecipeError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
-    pl.seed_everything(cfg.seed, workers=True)
-    run_dir = _run_dir(cfg)
-    save_recipe(cfg, run_dir / "recipe.yaml")
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if "max_epochs" in trainer_kw:
+        raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    start = time.perf_counter()
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
     windows = weights.window_sizes if weights is not None else None
+    run_dir = _run_dir(cfg)
+    save_recipe(cfg, run_dir / "recipe.yaml")
     if cfg.mode == "knn":
-        metrics = _run_knn(cfg, run_dir, windows)
+        metrics = {**_run_knn(cfg, windows), "seconds": time.perf_counter() - start}
         _write_json(metrics, run_dir / "metrics.json")
         return metrics
     if cfg.mode == "linear_probe" and weights is None:
@@ -277,7 +277,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     o, m = cfg.optim, cfg.mixup
     module = FinetuneModule(
         cfg.model.name, dm.num_classes, _model_kwargs(cfg, windows), cfg.mode, cfg.data.batch_size,
-        o.lr, o.warmup_lr, o.min_lr, o.weight_decay, o.layer_decay, o.warmup_epochs, o.name, o.momentum,
+        o.lr, o.warmup_lr, o.min_lr, o.weight_decay, o.layer_decay, cfg.schedule.warmup_epochs, o.name, o.momentum,
         m.mixup_alpha, m.cutmix_alpha, m.switch_prob, m.prob, m.label_smoothing, dm.class_names,
         cfg.seed,
     )  # fmt: skip
@@ -290,20 +290,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    from simmim.callbacks import AtomicCheckpointIO
+
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/top1", mode="max", save_last=True
     )
-    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    logs = run_dir / "logs"
+    version = f"version_{sum(1 for p in logs.glob('version_*'))}"  # one folder per launch
     trainer = pl.Trainer(
+        max_epochs=int(math.ceil(cfg.schedule.epochs)),
         default_root_dir=run_dir,
-        logger=[TensorBoardLogger(run_dir, name="logs", version=""), CSVLogger(run_dir, name="logs", version="")],
+        logger=[
+            TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
+            CSVLogger(logs, name=version, version="csv"),
+        ],
         callbacks=[ckpt, LearningRateMonitor("step")],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
         **trainer_kw,
     )
     trainer.fit(module, datamodule=dm)
     best = ckpt.best_model_path or None
     test_split = "val" if dm.test_source is dm.val_source else "test"  # no separate test split: the val set
-    (result,) = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=best, weights_only=False)
+    (result,) = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=best, weights_only=True)
     metrics = {
         "mode": cfg.mode,
         "recipe": cfg.recipe,
@@ -315,6 +324,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "test": {k.split("/", 1)[1]: v for k, v in result.items() if "acc_class" not in k},
         **module.test_results,
         "load_report": load.as_dict() if load is not None else None,
+        "seconds": time.perf_counter() - start,
     }
     if trainer.is_global_zero:
         _write_json(metrics, run_dir / "metrics.json")

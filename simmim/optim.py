@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +77,13 @@ def param_groups(
     weight_decay: float,
     layer_decay: float = 1.0,
     official_wd_exemption_bug: bool = False,
+    ndims: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups for AdamW: one per (decay / no decay, layer id), each with ``weight_decay``,
-    ``lr_scale`` (layer-wise decay, 1.0 when ``layer_decay == 1``) and ``param_names``."""
+    ``lr_scale`` (layer-wise decay, 1.0 when ``layer_decay == 1``) and ``param_names``.
+
+    ``ndims``: each parameter's number of dimensions before a strategy sharded it (FSDP turns parameters into
+    1-D shards, which would all look like biases); default: the parameters' own."""
     skip, keywords = _exemptions(model, official_wd_exemption_bug)
     layer_id, num_layers = _find_layer_rule(model) if layer_decay != 1.0 else (lambda n: 0, 1)
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
@@ -87,7 +91,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         no_decay = (
-            param.ndim <= 1
+            (ndims[name] if ndims else param.ndim) <= 1
             or name.endswith(".bias")
             or name in skip
             or any(name.startswith(p) and k in name[len(p) :] for p, k in keywords)
@@ -114,9 +118,10 @@ def build_optimizer(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     official_wd_exemption_bug: bool = False,
+    ndims: Mapping[str, int] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; each group's lr is ``lr * lr_scale`` (its peak for the schedule)."""
-    groups = param_groups(model, weight_decay, layer_decay, official_wd_exemption_bug)
+    groups = param_groups(model, weight_decay, layer_decay, official_wd_exemption_bug, ndims)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)

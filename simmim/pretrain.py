@@ -5,8 +5,11 @@ holds the resolved ``recipe.yaml``, TensorBoard + CSV logs, checkpoints (``check
 ``last.ckpt``, written atomically), and at the end ``encoder.safetensors`` and ``reconstructions.png``.
 
 Lightning checkpoints keep the SimMIM model under ``model.``: encoder weights are ``model.encoder.<official
-key>``, the head ``model.decoder.*``; ``hyper_parameters["model_config"]`` rebuilds the encoder with
-``simmim.models.create_model(**config)`` (its ``model`` key is the name).
+key>``, the head ``model.decoder.*``; ``hyper_parameters["model_config"]`` (also the metadata of
+``encoder.safetensors``) rebuilds the encoder: ``create_model(cfg.pop("model"), **cfg)``.
+
+Usage: ``python -m simmim.pretrain [recipe=NAME] [key=value ...]``, e.g. ``recipe=imagenette_cpu
+data.batch_size=32 trainer.max_steps=100``; ``resume=auto run_dir=PATH`` continues a run exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
 from simmim.checkpoint import save_encoder
-from simmim.config import RecipeError, load_recipe, save_recipe
+from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
+from simmim.distributed import gather_rng_states, rescale_position, seed_rank, shard_optimizer
+from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import MODEL_CONFIGS
 from simmim.optim import LRSchedule, build_optimizer, build_scheduler, scale_lr
@@ -93,6 +98,7 @@ class SimMIMPretrainModule(pl.LightningModule):
             from simmim.checkpoint import load_pretrained
 
             print(load_pretrained(self.model.encoder, init_from))
+        self._param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}  # before FSDP flattens them
         self.optim_cfg = {
             "lr": 1e-4,
             "warmup_lr": 5e-7,
@@ -122,7 +128,9 @@ class SimMIMPretrainModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(batch["image"], batch["mask"])
         lr = max(g["lr"] for g in self.optimizers().param_groups)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        # mean over processes (every image has the same number of masked pixels): the loss of the global batch
+        n = len(batch["image"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("lr", lr, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
@@ -139,9 +147,27 @@ class SimMIMPretrainModule(pl.LightningModule):
             raise ValueError("SimMIMPretrainModule needs batch_size (or a datamodule with .batch_size) to scale lr")
         return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
+    def loader_batch(self) -> int:
+        """Images per loader step over all processes (the data position in checkpoints counts these)."""
+        return self.total_batch() // self.trainer.accumulate_grad_batches
+
     def steps_per_epoch(self) -> int:
         self.trainer.estimated_stepping_batches  # noqa: B018 - sizes the train loader (num_training_batches)
-        return max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        batches, accumulate = self.trainer.num_training_batches, self.trainer.accumulate_grad_batches
+        if batches < accumulate:
+            raise RecipeError(
+                f"trainer.accumulate_grad_batches={accumulate} is more than the {batches} batches of an epoch: "
+                "lower it (or data.batch_size), or add images"
+            )
+        return batches // accumulate  # whole accumulations only: on_train_batch_start drops the rest
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        # Every optimizer step averages batch x world size x accumulate images: the epoch's last batches that cannot
+        # fill a whole accumulation are dropped (-1 ends the epoch) instead of stepping on a partial one.
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1 and batch_idx >= self.trainer.num_training_batches // accumulate * accumulate:
+            return -1
+        return None
 
     def configure_optimizers(self) -> dict[str, Any]:
         o, s = self.optim_cfg, self.schedule_cfg
@@ -154,7 +180,10 @@ class SimMIMPretrainModule(pl.LightningModule):
             betas=o["betas"],
             eps=o["eps"],
             official_wd_exemption_bug=o["official_wd_exemption_bug"],
+            ndims=self._param_ndims,
         )
+        if o.get("zero"):
+            optimizer = shard_optimizer(optimizer, self.trainer)
         per_epoch = self.steps_per_epoch()
         schedule = LRSchedule(
             total_steps=round(s["epochs"] * per_epoch),
@@ -179,13 +208,19 @@ class SimMIMPretrainModule(pl.LightningModule):
             done = 0
         elif done >= self.trainer.num_training_batches:  # saved on the epoch's last batch
             epoch, done = epoch + 1, 0
-        checkpoint["simmim"] = {"epoch": int(epoch), "batches_done": int(done), "torch_rng": torch.get_rng_state()}
+        checkpoint["simmim"] = {
+            "epoch": int(epoch),
+            "batches_done": int(done),
+            "loader_batch": self.loader_batch(),
+            "torch_rng": gather_rng_states(self.trainer),  # one row per rank
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("simmim")
         if state is None:
             return
-        self._resume_position = (state["epoch"], state["batches_done"])
+        done = rescale_position(state["batches_done"], state.get("loader_batch"), self.loader_batch())
+        self._resume_position = (state["epoch"], done)
         self._rng_state = state["torch_rng"]
         # Runs before the train loader is created (and iterated): tell the sampler where to start.
         self._position_sampler()
@@ -195,19 +230,20 @@ class SimMIMPretrainModule(pl.LightningModule):
             return
         sampler = _train_sampler(self.trainer.datamodule)
         if sampler is None:
-            raise RuntimeError(
-                "exact resume needs a datamodule whose train sampler offers set_epoch() and skip_batches() "
-                "(simmim.data.PretrainDataModule does)"
+            warnings.warn(
+                "resuming without a datamodule whose train_sampler offers set_epoch() and skip_batches() "
+                "(simmim.data.PretrainDataModule does): the interrupted epoch restarts from its first batch",
+                stacklevel=2,
             )
+            return
         epoch, done = self._resume_position
         sampler.set_epoch(epoch)
         sampler.skip_batches(done)
 
     def on_train_start(self) -> None:
-        # drop path draws from the global generator: continue its stream where the checkpoint left it
-        if self._rng_state is not None:
-            torch.set_rng_state(self._rng_state)
-            self._rng_state = None
+        # drop path draws from the global generator: continue each rank's stream where the checkpoint left it
+        seed_rank(self.trainer, self._rng_state)
+        self._rng_state = None
         self._resume_position = None
 
 
@@ -242,6 +278,8 @@ def check_geometry(cfg: DictConfig) -> None:
         )
     if m.norm_target and int(m.norm_target_patch_size) % 2 != 1:
         raise RecipeError(f"model.norm_target_patch_size={m.norm_target_patch_size} must be odd (official: 47)")
+    if cfg.memory not in ("manual", "auto"):
+        raise RecipeError(f"memory={cfg.memory!r}: use manual (model.use_checkpoint, model.attn_chunk_size) or auto")
     if cfg.nan_policy not in ("auto", "stop", "skip"):
         raise RecipeError(f"nan_policy={cfg.nan_policy!r}: use auto, stop or skip")
     if cfg.schedule.name not in ("cosine", "multistep", "constant"):
@@ -316,6 +354,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
         filename="step={step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=every if every > 0 else None,
+        every_n_epochs=None if every > 0 else 0,  # 0: no periodic saves, only last.ckpt at the end
         save_top_k=-1 if cfg.checkpoint.keep_all else 1,  # 1: only the newest step checkpoint stays
         save_last=True,
     )
@@ -340,8 +379,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
 def export_encoder(module: SimMIMPretrainModule, path: str | Path) -> Path:
     """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, config in metadata."""
     sd = {k: v for k, v in module.model.encoder.state_dict().items() if k != "mask_token"}
-    config = {**module.hparams.model_config, "norm_target": module.hparams.norm_target}
-    return save_encoder(sd, path, config)
+    return save_encoder(sd, path, module.hparams.model_config)
 
 
 def _sample_images(datamodule: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,8 +414,13 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     ckpt_dir = run_dir / "checkpoints"
     resume = resolve_resume(cfg, ckpt_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg)
-    datamodule = build_datamodule(cfg, module.model.patch_size)
+    try:  # bad paths, empty folders, impossible model sizes: one clear line from the CLI, not a traceback
+        module = build_module(cfg)
+        datamodule = build_datamodule(cfg, module.model.patch_size)
+    except (ValueError, OSError) as e:
+        raise RecipeError(str(e)) from e
+    if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup (simmim.memory)
+        callbacks = [*callbacks, MemoryPlanner()]
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         save_recipe(cfg, run_dir / "recipe.yaml")
@@ -411,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simmim.pretrain recipe=NAME key=value ...`` (no arguments: recipe quickstart)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
+        print(__doc__ + f"\nRecipes (recipes/pretrain): {', '.join(available_recipes('pretrain'))}")
         return 0
     try:
         cfg = load_recipe("pretrain", argv)

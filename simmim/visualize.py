@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
 import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PosixPath, WindowsPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -106,11 +105,7 @@ class Reconstructions:
                 f"NORM_TARGET: prediction un-normalised with each image's local mean/std "
                 f"({self.norm_target_patch_size} px)"
             )
-        return "target: ImageNet-normalised pixels"
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+        return "target: the normalised input pixels"
 
 
 @torch.no_grad()
@@ -135,14 +130,15 @@ def reconstruct(
         if images.shape[2] != images.shape[3]:
             raise ValueError(f"masks can only be generated for square images, got {tuple(images.shape[2:])}")
         masks = fixed_masks(len(images), images.shape[2], model.patch_size, mask_patch_size, mask_ratio, seed)
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     x = images.to(device, torch.float32)
     masks = masks.to(device)
     was_training = model.training
     model.eval()
     try:
         with torch.autocast(device.type, enabled=False):
-            rec = model.reconstruct(x.to(_model_dtype(model)), masks).float()
+            rec = model.reconstruct(x.to(param.dtype), masks).float()
     finally:
         model.train(was_training)
     pixel_mask = upsample_mask(masks, model.patch_size).float()[..., : x.shape[2], : x.shape[3]]
@@ -357,19 +353,22 @@ def plot_mask_sweep(
 
 
 def plot_temperatures(model: nn.Module, path: str | Path | None = None) -> Figure:
-    """Bar chart of every head's attention temperature, grouped by block (dashed: the initial value 10)."""
+    """Every head's attention temperature (one dot per head, spread within its block; the line joins the block
+    means). The y axis fits the values, so small moves away from the initial 10 (dashed) stay visible."""
     from matplotlib.figure import Figure
 
     temps = attention_temperatures(model)
     fig = Figure(figsize=(max(4.0, 0.9 * len(temps) + 1), 3.0), layout="constrained")
     ax = fig.subplots()
     for k, t in enumerate(temps.values()):
-        offsets = (np.arange(len(t)) - (len(t) - 1) / 2) * (0.8 / max(len(t), 1))
-        ax.bar(k + offsets, t.numpy(), width=0.8 / max(len(t), 1), color="tab:blue", edgecolor="white")
-    ax.axhline(10.0, color="grey", linestyle="--", linewidth=1)
+        offsets = (np.arange(len(t)) - (len(t) - 1) / 2) * (0.6 / max(len(t), 1))
+        ax.plot(k + offsets, t.numpy(), "o", color="tab:blue", markersize=4)
+    ax.plot(range(len(temps)), [float(t.mean()) for t in temps.values()], "-", color="tab:orange", label="block mean")
+    ax.axhline(10.0, color="grey", linestyle="--", linewidth=1, label="init 10")
     ax.set_xticks(range(len(temps)), [n.replace(" block ", "\nblock ") for n in temps], fontsize=7)
     ax.set_ylabel("temperature exp(logit_scale)")
-    ax.set_title("Cosine-attention temperature per head (bars) and block; init 10, max 100", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title("Cosine-attention temperature per head (dots) and block (max 100)", fontsize=9)
     return _save(fig, path)
 
 
@@ -525,7 +524,8 @@ class VisualizeError(ValueError):
 def load_simmim(path: str | Path) -> tuple[SimMIM, dict[str, Any]]:
     """A SimMIM model (eval mode, CPU) from a pretraining Lightning checkpoint, or from any torch file holding
     ``{"state_dict": SimMIM state dict, "model_config": {"model": name, ...}}``; also returns the data settings
-    stored with it (``img_size``, ``mask_patch_size``, ``mask_ratio``, ``mean``, ``std``) when it has them."""
+    stored with it (``img_size``, ``mask_patch_size``, ``mask_ratio``, ``mean``, ``std``, and ``datamodule``: all
+    the datamodule's hyper-parameters, to rebuild it) when it has them."""
     from simmim.models.simmim import build_simmim
 
     path = Path(path)
@@ -540,7 +540,7 @@ def load_simmim(path: str | Path) -> tuple[SimMIM, dict[str, Any]]:
         raise VisualizeError(f"{path} is not a PyTorch checkpoint (torch.save / Lightning .ckpt file)")
     try:
         # safe loading; paths are allowed since a datamodule's hyper-parameters may hold its root as a Path
-        with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
+        with torch.serialization.safe_globals([PosixPath, WindowsPath]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the file is not a checkpoint we can read
         raise VisualizeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
@@ -569,9 +569,13 @@ def load_simmim(path: str | Path) -> tuple[SimMIM, dict[str, Any]]:
             if keys
         )
         raise VisualizeError(f"{path}: its weights do not fit a SimMIM {name}: {what}")
-    data = obj.get("datamodule_hyper_parameters") or {}
-    info = {k: data[k] for k in ("img_size", "mask_patch_size", "mask_ratio", "mean", "std") if k in data}
+    data = dict(obj.get("datamodule_hyper_parameters") or {})
+    info: dict[str, Any] = {
+        k: data[k] for k in ("img_size", "mask_patch_size", "mask_ratio", "mean", "std") if k in data
+    }
     info.setdefault("img_size", cfg.get("img_size"))
+    if data:
+        info["datamodule"] = data
     return model.eval(), info
 
 

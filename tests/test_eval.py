@@ -85,3 +85,27 @@ def test_knn_monitor_logs_during_fit(tmp_path):
     assert [epoch for epoch, _ in monitor.history] == [1]  # every 2 epochs: after the second only
     assert "knn/top1" in trainer.logged_metrics
     assert trainer.logged_metrics["knn/top1"] > 90  # colours separate even with random-ish weights
+
+
+def test_knn_monitor_from_datamodule(tmp_path):
+    """The memory bank of a ClassificationDataModule: its training images with evaluation transforms."""
+    import numpy as np
+    from PIL import Image
+
+    from simmim.data import ClassificationDataModule
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path / split / name / f"{i}.png")
+    make = lambda: ClassificationDataModule(tmp_path, img_size=32, batch_size=4, num_workers=0)
+    monitor = KNNMonitor.from_datamodule(make, k=5)
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=1, callbacks=[monitor], default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(TinyPretrain(), DataLoader(ColourDataset(8), batch_size=8))
+    assert monitor.history[0][1] == {"top1": 100.0}

@@ -157,8 +157,8 @@ def test_cli_finetunes_from_an_encoder_file(folders, tmp_path):
     out = run_cli(
         "recipe=quickstart", f"pretrained={folders / 'encoder.safetensors'}", f"data.root={folders}",
         "data.source=imagefolder", "data.batch_size=8", "data.num_workers=0", "data.label_fraction=1.0",
-        "trainer.max_epochs=2",
-        f"output_dir={tmp_path}", "run_name=ft", cwd=tmp_path,
+        "schedule.epochs=2",
+        f"run_dir={tmp_path / 'ft'}", cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "ft"
@@ -183,3 +183,15 @@ def test_cli_errors_are_one_clear_line(folders, tmp_path):
     assert "not a checkpoint (it looks like a text file)" in out.stderr
     out = run_cli("optim.lrr=1", cwd=tmp_path)
     assert out.returncode == 2 and "did you mean optim.lr" in out.stderr
+
+
+def test_cli_knn(folders, tmp_path):
+    out = run_cli(
+        "recipe=knn", f"pretrained={folders / 'encoder.safetensors'}", f"data.root={folders}", "data.batch_size=8",
+        "data.num_workers=0",
+        f"run_dir={tmp_path / 'knn'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "knn" / "metrics.json").read_text())
+    assert metrics["mode"] == "knn" and metrics["k"] == 20
+    assert metrics["val"]["top1"] > 90  # colour classes: separable even for an untrained encoder

@@ -192,9 +192,7 @@ def test_cli_outputs(image_folder, tmp_path):
     assert "batch_size: 4" in (tmp_path / "recipe.yaml").read_text()
     sd, config = load_encoder(tmp_path / "encoder.safetensors")
     assert "mask_token" not in sd and not any(k.startswith("encoder.") for k in sd)
-    model_name = config.pop("model")
-    config.pop("norm_target")
-    encoder = create_model(model_name, num_classes=0, **config)
+    encoder = create_model(config.pop("model"), num_classes=0, **config)
     encoder.load_state_dict(sd)  # strict: the export rebuilds exactly
     ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(

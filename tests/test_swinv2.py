@@ -181,7 +181,9 @@ def test_fresh_blocks_are_identities_and_stochastic_depth():
                 assert not norm.weight.any() and not norm.bias.any()
             x = torch.randn(2, *blk.input_resolution, blk.dim)
             assert torch.equal(blk(x), x)  # res-post-norm: each branch starts at exactly 0
-    dpr = [blk.drop_path.drop_prob for layer in model.layers for blk in layer.blocks if isinstance(blk.drop_path, DropPath)]
+    dpr = [
+        blk.drop_path.drop_prob for layer in model.layers for blk in layer.blocks if isinstance(blk.drop_path, DropPath)
+    ]
     assert dpr == pytest.approx([0.1 * i / 4 for i in range(1, 5)])  # linspace(0, 0.1, 5), first one is 0
     drop = DropPath(0.5).train()
     out = drop(torch.ones(1000, 3))

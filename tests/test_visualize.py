@@ -205,9 +205,10 @@ def test_callback_logs_fixed_grids_during_fit(fitted):
     assert [e.step for e in events.Images("reconstructions")] == [0, 2, 4]
 
 
-def test_load_simmim_from_lightning_and_plain_files(fitted, tmp_path):
+def test_load_simmim_from_lightning_and_plain_files(fitted, image_folder, tmp_path):
     _, module, _, root = fitted
     model, info = V.load_simmim(root / "last.ckpt")
+    assert info.pop("datamodule")["root"] == image_folder
     assert info == {
         "img_size": IMG,
         "mask_patch_size": 8,

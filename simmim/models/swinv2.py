@@ -152,41 +152,46 @@ class WindowAttention(nn.Module):
         if cacheable and self._bias_cache is not None and self._bias_cache[0] == key:
             return self._bias_cache[1]
         n = self.window_size[0] * self.window_size[1]
-        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
-        bias = 16 * torch.sigmoid(bias)
+        with torch.autocast(self.relative_coords_table.device.type, enabled=False):  # bias values up to 16: fp32
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+            bias = 16 * torch.sigmoid(table)[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         self._bias_cache = (key, bias.detach()) if cacheable else None
         return bias
 
-    def forward(self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B*nW, N, C] windows of one image batch; mask: a :class:`WindowMask`, an additive [nW, N, N]
-        tensor (shift and padding), or None."""
+    def forward(
+        self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None, num_windows: int | None = None
+    ) -> torch.Tensor:
+        """x: [B*nW, N, C] windows of a batch, image-major; mask: a :class:`WindowMask`, an additive [nW, N, N]
+        tensor (shift and padding), or None; num_windows: nW when there is no mask (groups the work by image)."""
         bw, n, c = x.shape
         nh = self.num_heads
+        if isinstance(mask, torch.Tensor):
+            mask = WindowMask(dense=mask)
+        nw = mask.num_windows if mask is not None else (num_windows or 1)
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(bw, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B*nW, nH, N, hd]
-        # Cosine similarity with a learnt temperature (eq. 2), the temperature folded into q; norms and the
-        # temperature in float32 (at least), so low-precision autocast only sees the matrix products.
+        qkv = F.linear(x, self.qkv.weight, bias)
+        # Cosine similarity with a learnt temperature (eq. 2): the temperature is folded into q, norms and
+        # temperature are computed in float32 (at least), so low-precision autocast only sees the matrix products.
         scale = torch.clamp(_upcast(self.logit_scale), max=LOG_MAX_SCALE).exp()
-        q = _normalize(q, scale).to(v.dtype)
-        k = _normalize(k).to(v.dtype)
-        if isinstance(mask, torch.Tensor):
-            mask = WindowMask(dense=mask)
-        nw = mask.num_windows if mask is not None else 1
-        # One image per row, all its (window, head) pairs along dim 1, so a [nW*nH, N, N] bias broadcasts.
-        b = bw // nw
-        q, k, v = (t.reshape(b, nw * nh, n, -1) for t in (q, k, v))
-        p = self.attn_drop if self.training else 0.0
         pos_bias = self.position_bias()  # [nH, N, N]
-        if self.attn_chunk_size > 0:
-            out = self._sequential_attention(q, k, v, pos_bias, mask, p)
+        p = self.attn_drop if self.training else 0.0
+        if self.attn_chunk_size == 0 and p == 0.0 and x.device.type == "cpu":
+            attn_bias = pos_bias.expand(nw, nh, n, n) if mask is None else pos_bias + mask.dense()[:, None]
+            out = _CosineWindowAttention.apply(qkv, scale, attn_bias.reshape(nw * nh, n, n))
         else:
-            attn_bias = pos_bias if mask is None else (pos_bias + mask.dense()[:, None]).flatten(0, 1)
-            out = _attention(q, k, v, attn_bias.to(v.dtype), p)
-        out = out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c)
+            q, k, v = qkv.view(bw, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)  # [B*nW, nH, N, hd]
+            q = (F.normalize(_upcast(q), dim=-1) * scale).to(v.dtype)
+            k = F.normalize(_upcast(k), dim=-1).to(v.dtype)
+            # One image per row, all its (window, head) pairs along dim 1, so a [nW*nH, N, N] bias broadcasts.
+            q, k, v = (t.reshape(bw // nw, nw * nh, n, -1) for t in (q, k, v))
+            if self.attn_chunk_size > 0:
+                out = self._sequential_attention(q, k, v, pos_bias, mask, p)
+            else:
+                attn_bias = pos_bias if mask is None else (pos_bias + mask.dense()[:, None]).flatten(0, 1)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(v.dtype), dropout_p=p, scale=1.0)
+            out = out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
     def _sequential_attention(
@@ -220,56 +225,102 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _normalize(t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.normalize(t, dim=-1) * scale`` as one multiply by a per-row factor, reduced in float32 (at least)."""
-    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=_upcast(t).dtype).clamp_min(1e-12)
-    return t * (scale / norm if scale is not None else norm.reciprocal())
-
-
 def _chunk_attention(q, k, v, pos_bias: torch.Tensor, mask: WindowMask | None, pairs: torch.Tensor, nh: int, p):
     """Attention of the (window, head) pairs ``pairs`` (flat index window * nH + head) of one image."""
     bias = pos_bias[pairs % nh]
     if mask is not None:
         bias = bias + mask.dense(pairs // nh)
-    return _attention(q, k, v, bias.to(v.dtype), p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(v.dtype), dropout_p=p, scale=1.0)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
-    """softmax(q k^T + bias) v for q, k, v [B, G, N, d] and bias [G, N, N], with q already scaled.
+class _CosineWindowAttention(torch.autograd.Function):
+    """Scaled cosine window attention on CPU: [B*nW, N, 3C] qkv, temperature [nH, 1, 1] and bias [nW*nH, N, N]
+    -> [B*nW, N, C], with a hand-written backward.
 
-    On CPU (without attention dropout) a hand-written autograd function is fastest in float32 and bfloat16:
-    PyTorch's CPU SDPA falls back to its math path for a bias that needs a gradient, which upcasts bfloat16
-    to float32 and keeps more intermediates. Elsewhere SDPA picks a fused kernel."""
-    if q.device.type == "cpu" and p == 0.0:
-        return _BiasedSoftmaxAttention.apply(q, k, v, bias)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)
-
-
-class _BiasedSoftmaxAttention(torch.autograd.Function):
-    """softmax(q k^T + bias) v, computed in place in the inputs' dtype; saves only q, k, v and the
-    probabilities. The softmax kernels accumulate in float32 for bfloat16."""
+    Why: PyTorch's CPU SDPA takes its math path for a bias that needs a gradient (upcasting bfloat16), and the
+    autograd graph of the plain formulation makes many passes over the (windows, heads, N, N) tensors. Here the
+    normalised q (temperature folded in) and k are written once in head-major layout, logits come from one
+    matmul per image, and bias add and softmax run in float32 on one image's logits at a time (cache-sized),
+    so bfloat16 only rounds the matmul inputs and the probabilities. Saved for backward: qkv, the norms and the
+    probabilities; q, k, v are rebuilt from qkv.
+    """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        attn = torch.matmul(q, k.transpose(-2, -1))
-        attn += bias
-        torch.softmax(attn, -1, out=attn)
-        ctx.save_for_backward(q, k, v, attn)
-        return torch.matmul(attn, v)
+    def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(qkv.device.type, enabled=False):
+            bw, n, _ = qkv.shape
+            g = bias.shape[0]
+            nh = scale.shape[0]
+            b = bw * nh // g
+            norms = [
+                torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=scale.dtype).clamp_min_(1e-12)
+                for t in _heads(qkv, nh)[:2]
+            ]
+            q, k, v = _cosine_qkv(qkv, scale, norms)
+            attn = torch.empty(b, g, n, n, dtype=qkv.dtype, device=qkv.device)
+            q, k, v = (t.view(b, g, n, -1) for t in (q, k, v))
+            scratch = None if bias.dtype == qkv.dtype else torch.empty_like(bias)
+            for i in range(b):
+                if scratch is None:
+                    torch.baddbmm(bias, q[i], k[i].transpose(-2, -1), out=attn[i])
+                    torch.softmax(attn[i], -1, out=attn[i])
+                else:  # low precision: bias and softmax in float32
+                    torch.bmm(q[i], k[i].transpose(-2, -1), out=attn[i])
+                    torch.add(attn[i], bias, out=scratch)
+                    torch.softmax(scratch, -1, out=scratch)
+                    attn[i].copy_(scratch)
+            out = torch.matmul(attn, v)
+            ctx.save_for_backward(qkv, scale, *norms, attn)
+            ctx.bias_dtype = bias.dtype
+            return out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, attn = ctx.saved_tensors
-        grad_v = torch.matmul(attn.transpose(-2, -1), grad_out) if ctx.needs_input_grad[2] else None
-        grad = torch.matmul(grad_out, v.transpose(-2, -1))
-        torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)
-        grad_q = torch.matmul(grad, k) if ctx.needs_input_grad[0] else None
-        grad_k = torch.matmul(grad.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
-        grad_bias = None
-        if ctx.needs_input_grad[3]:
-            # the bias is broadcast over the leading (image) dimensions
-            grad_bias = grad.sum(dim=tuple(range(grad.ndim - 3))) if grad.ndim > 3 else grad
-        return grad_q, grad_k, grad_v, grad_bias
+        qkv, scale, q_norm, k_norm, attn = ctx.saved_tensors
+        bw, n, c3 = qkv.shape
+        nh = scale.shape[0]
+        b, g = attn.shape[:2]
+        with torch.autocast(qkv.device.type, enabled=False):
+            q, k, v = (t.view(b, g, n, -1) for t in _cosine_qkv(qkv, scale, (q_norm, k_norm)))
+            grad_out = grad_out.to(qkv.dtype).view(bw, n, nh, -1).transpose(1, 2).reshape(b, g, n, -1)
+            grad_qkv = torch.empty(bw, n, 3, nh, c3 // (3 * nh), dtype=qkv.dtype, device=qkv.device)
+            grad_q, grad_k, grad_v = grad_qkv.unbind(2)
+            grad_v.transpose(1, 2).copy_(torch.matmul(attn.transpose(-2, -1), grad_out).view(bw, nh, n, -1))
+            grad = torch.matmul(grad_out, v.transpose(-2, -1))
+            torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)
+            grad_bias = grad.sum(0, dtype=scale.dtype).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+            # d/dq of s * q / max(|q|, eps): project out the q direction (unless the norm was clamped)
+            raw_q, raw_k = _heads(qkv, nh)[:2]
+            grad_scale = None
+            for raw, norm, dst, hat_grad, temp in (
+                (raw_q, q_norm, grad_q, torch.matmul(grad, k), scale),
+                (raw_k, k_norm, grad_k, torch.matmul(grad.transpose(-2, -1), q), None),
+            ):
+                unit = raw.to(norm.dtype) / norm
+                hat_grad = hat_grad.view(bw, nh, n, -1).to(norm.dtype)
+                dot = (unit * hat_grad).sum(-1, keepdim=True)
+                if temp is not None:
+                    grad_scale = dot.sum((0, 2)).view_as(scale)
+                factor = 1.0 / norm if temp is None else temp / norm
+                dot = dot.masked_fill_(norm <= 1e-12, 0.0)
+                torch.mul(hat_grad.sub_(unit.mul_(dot)), factor, out=dst.transpose(1, 2))
+        return grad_qkv.view(bw, n, c3), grad_scale, grad_bias
+
+
+def _heads(qkv: torch.Tensor, nh: int) -> tuple[torch.Tensor, ...]:
+    """[B*nW, N, 3C] -> three [B*nW, nH, N, hd] views."""
+    bw, n, c3 = qkv.shape
+    return qkv.view(bw, n, 3, nh, c3 // (3 * nh)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _cosine_qkv(qkv: torch.Tensor, scale: torch.Tensor, norms) -> tuple[torch.Tensor, ...]:
+    """Contiguous [B*nW, nH, N, hd] q * scale / |q|, k / |k| and v in qkv's dtype, scaled in the norms' dtype."""
+    raw_q, raw_k, raw_v = _heads(qkv, scale.shape[0])
+    q = torch.empty(raw_q.shape, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty_like(q)
+    torch.mul(raw_q, scale / norms[0], out=q)
+    torch.mul(raw_k, norms[1].reciprocal(), out=k)
+    return q, k, raw_v.contiguous()
 
 
 class WindowMask:
@@ -402,7 +453,8 @@ class SwinTransformerBlock(nn.Module):
         hp, wp = h + ph, w + pw
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window_size), self.attn_mask(h, w, x.device))
+        nw = (hp // wh) * (wp // ww)
+        windows = self.attn(window_partition(x, self.window_size), self.attn_mask(h, w, x.device), num_windows=nw)
         x = window_reverse(windows, self.window_size, hp, wp)
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))

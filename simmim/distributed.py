@@ -1,0 +1,104 @@
+"""Multi-process pretraining pieces: ZeRO stage 1 under DDP, one random stream per rank, and moving a data
+position between runs with different numbers of processes.
+
+* ZeRO stage 1 (``optim.zero=true``): the AdamW state is split over the DDP processes with
+  :class:`torch.distributed.optim.ZeroRedundancyOptimizer` (the SwinV2 paper trains its largest models with ZeRO,
+  section 3.4). Lightning consolidates the state on rank 0 before a checkpoint is written
+  (``Strategy.optimizer_state`` calls ``consolidate_state_dict``), in the format of a plain AdamW over the same
+  parameter groups (state keyed by the global parameter order), so a checkpoint from a sharded run resumes in a
+  plain or sharded run with any number of processes.
+* Drop path draws from the global torch generator: every rank gets its own stream (``seed + rank``, as the
+  official code seeds each rank), and checkpoints keep every rank's generator state.
+* The checkpoint's data position counts batches of ``batch_size x world size`` images; a run with another global
+  batch skips the same number of images instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from simmim.config import RecipeError
+
+__all__ = ["shard_optimizer", "gather_rng_states", "seed_rank", "rescale_position"]
+
+
+def _sharding_strategy(strategy: pl.strategies.Strategy) -> str | None:
+    """The name of a strategy that shards optimizer state itself (FSDP, DeepSpeed), else None."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    for cls in (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy):
+        if isinstance(strategy, cls):
+            return cls.__name__
+    return None
+
+
+def shard_optimizer(optimizer: torch.optim.Optimizer, trainer: pl.Trainer) -> torch.optim.Optimizer:
+    """ZeRO stage 1: ``optimizer`` (its class, defaults and parameter groups with their own lr / weight decay)
+    rebuilt as a ``ZeroRedundancyOptimizer`` over the trainer's processes; unchanged with a single process."""
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    strategy = trainer.strategy
+    owner = _sharding_strategy(strategy)
+    if owner is not None:
+        raise RecipeError(
+            f"optim.zero=true shards AdamW across DDP processes, but trainer.strategy is {owner}, which shards "
+            "optimizer state itself: drop optim.zero (or use trainer.strategy=ddp)"
+        )
+    if trainer.world_size == 1:
+        rank_zero_info("optim.zero=true with a single process: nothing to shard, using the plain optimizer")
+        return optimizer
+    if not isinstance(strategy, DDPStrategy):
+        raise RecipeError(f"optim.zero=true needs trainer.strategy=ddp (or ddp_spawn), got {type(strategy).__name__}")
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters  # defaults may hold more (AdamW: decoupled_weight_decay)
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    groups = [dict(g) for g in optimizer.param_groups]
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **defaults)
+
+
+def gather_rng_states(trainer: pl.Trainer) -> torch.Tensor:
+    """Every rank's CPU generator state as a uint8 tensor [world size, n]. A collective: call it on all ranks
+    (checkpoint hooks run on all of them)."""
+    state = torch.get_rng_state()
+    if trainer.world_size == 1:
+        return state[None]
+    state = state.to(trainer.strategy.root_device)  # NCCL gathers GPU tensors only
+    rows = [torch.empty_like(state) for _ in range(trainer.world_size)]
+    dist.all_gather(rows, state)
+    return torch.stack(rows).cpu()
+
+
+def seed_rank(trainer: pl.Trainer, saved: torch.Tensor | None = None) -> None:
+    """Give this rank its random stream: its row of ``saved`` (:func:`gather_rng_states`, or a single state from a
+    one-process checkpoint) when there is one, else ``initial seed + rank`` (rank 0 keeps the one-process
+    stream). A no-op for a fresh single-process run."""
+    rank = trainer.global_rank
+    if saved is not None:
+        rows = saved if saved.ndim == 2 else saved[None]
+        if rank < len(rows):
+            torch.set_rng_state(rows[rank])
+            return
+    if trainer.world_size > 1 or saved is not None:
+        torch.manual_seed(torch.initial_seed() + rank)
+
+
+def rescale_position(batches_done: int, saved_global_batch: int | None, global_batch: int) -> int:
+    """Batches to skip in a resumed epoch so that the same images are skipped when the checkpoint was written
+    with another global loader batch (``batch_size x world size``); warns when that is not a whole number."""
+    if not saved_global_batch or saved_global_batch == global_batch:
+        return batches_done
+    images = batches_done * saved_global_batch
+    done = images // global_batch
+    rank_zero_warn(
+        f"resuming with {global_batch} images per step over all processes where the checkpoint used "
+        f"{saved_global_batch}: skipping {done * global_batch} of the {images} images already seen this epoch; "
+        "the lr follows the new total batch from here on"
+        + ("" if images % global_batch == 0 else f" ({images % global_batch} images are seen twice)")
+    )
+    return done
