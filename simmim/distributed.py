@@ -82,7 +82,7 @@ def seed_rank(trainer: pl.Trainer, saved: torch.Tensor | None = None) -> None:
     if saved is not None:
         rows = saved if saved.ndim == 2 else saved[None]
         if rank < len(rows):
-            torch.set_rng_state(rows[rank])
+            torch.set_rng_state(rows[rank].clone())  # a row of the stack is a view; the generator needs its own
             return
     if trainer.world_size > 1 or saved is not None:
         torch.manual_seed(torch.initial_seed() + rank)
@@ -94,11 +94,13 @@ def rescale_position(batches_done: int, saved_global_batch: int | None, global_b
     if not saved_global_batch or saved_global_batch == global_batch:
         return batches_done
     images = batches_done * saved_global_batch
-    done = images // global_batch
-    rank_zero_warn(
-        f"resuming with {global_batch} images per step over all processes where the checkpoint used "
-        f"{saved_global_batch}: skipping {done * global_batch} of the {images} images already seen this epoch; "
-        "the lr follows the new total batch from here on"
-        + ("" if images % global_batch == 0 else f" ({images % global_batch} images are seen twice)")
+    done, extra = divmod(images, global_batch)
+    message = (
+        f"resuming with {global_batch} images per loader step over all processes where the checkpoint used "
+        f"{saved_global_batch}: skipping the {done * global_batch} images already seen this epoch"
     )
+    if extra:
+        rank_zero_warn(f"{message}; {extra} of them are seen again")
+    else:
+        rank_zero_info(message)
     return done

@@ -220,11 +220,11 @@ def make_grid(recs: Reconstructions, title: str = "", min_tile: int = 96) -> np.
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
     font = _font()
-    head = f"{title}  |  mean masked L1 {recs.loss.mean():.4f}" if title else f"mean masked L1 {recs.loss.mean():.4f}"
+    head = f"{title}  |  mean masked L1={recs.loss.mean():.4f}" if title else f"mean masked L1={recs.loss.mean():.4f}"
     draw.text((4, 1), head, fill=(0, 0, 0), font=font)
     draw.text((4, 14), recs.target_note, fill=(90, 90, 90), font=font)
     for i, loss in enumerate(recs.loss):
-        draw.text((LABEL_W + PAD + i * (tw + PAD) + 2, TITLE_H), f"L1 {loss:.3f}", fill=(0, 0, 0), font=font)
+        draw.text((LABEL_W + PAD + i * (tw + PAD) + 2, TITLE_H), f"L1={loss:.3f}", fill=(0, 0, 0), font=font)
     for r, row in enumerate(ROWS):
         y = TITLE_H + CAPTION_H + PAD + r * (th + PAD) + th // 2 - 6
         draw.text((4, y), row, fill=(0, 0, 0), font=font)
@@ -431,8 +431,9 @@ class ReconstructionGridCallback(pl.Callback):
     ``images_or_datamodule_val``: a normalised image tensor [N, 3, H, W], a datamodule, or None for the
     trainer's datamodule; from a datamodule the first ``num_images`` validation images (training images when
     there is no validation set) are taken once, with their masks when the batches carry them. Otherwise masks
-    are drawn once from ``seed`` with ``mask_patch_size`` / ``mask_ratio``. The pretraining module must expose
-    its :class:`SimMIM` as ``.model``.
+    are drawn once from ``seed`` with ``mask_patch_size`` / ``mask_ratio``. ``mean`` / ``std`` (of the input
+    normalisation) default to the datamodule's, else ImageNet's. The pretraining module must expose its
+    :class:`SimMIM` as ``.model``.
     """
 
     def __init__(
@@ -443,8 +444,8 @@ class ReconstructionGridCallback(pl.Callback):
         seed: int = 0,
         mask_patch_size: int = 32,
         mask_ratio: float = 0.6,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         dirpath: str | Path | None = None,
     ) -> None:
         super().__init__()
@@ -458,7 +459,7 @@ class ReconstructionGridCallback(pl.Callback):
         self.seed = seed
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = mean, std
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.images: torch.Tensor | None = None
         self.masks: torch.Tensor | None = None
@@ -474,6 +475,10 @@ class ReconstructionGridCallback(pl.Callback):
             images, masks = source[: self.num_images], None
         else:
             images, masks = sample_images(source, self.num_images)
+            hp = getattr(source, "hparams", {})
+            self.mean = self.mean or hp.get("mean")
+            self.std = self.std or hp.get("std")
+        self.mean, self.std = tuple(self.mean or IMAGENET_MEAN), tuple(self.std or IMAGENET_STD)
         self.images = images.detach().float().cpu()
         if masks is None:
             size = self.images.shape[-1]

@@ -1,0 +1,163 @@
+"""Multi-process pretraining on CPU (gloo): 2 processes match 1 with the same global batch, ZeRO stage 1 matches
+plain AdamW, and checkpoints move between process counts and gradient accumulation settings.
+
+Multi-process runs go through the real CLI in a subprocess: Lightning's launcher re-executes the command."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import write_images
+
+from simmim.config import load_recipe
+from simmim.distributed import rescale_position, seed_rank
+from simmim.pretrain import run
+
+
+def _args(folder, run_dir, *extra):
+    return [
+        "recipe=quickstart",
+        f"data.root={folder}",
+        "data.source=folder",
+        "data.val_fraction=0.0",
+        "data.num_workers=0",
+        "model.drop_path_rate=0.0",
+        "optim.lr=0.2",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0.5",
+        "trainer.limit_train_batches=1.0",
+        "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "checkpoint.every_n_steps=2",
+        "checkpoint.keep_all=true",
+        "reconstructions=0",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def _metrics(run_dir, key):
+    """{global step: value} of ``key`` from the run's last CSV log."""
+    logs = sorted((Path(run_dir) / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(logs[-1] / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "-m", "simmim.pretrain", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def _ckpt(run_dir, step):
+    return torch.load(Path(run_dir) / "checkpoints" / f"step={step:06d}.ckpt", weights_only=True)
+
+
+def _assert_close(got, ref, steps, tol):
+    assert sorted(got) == steps, got
+    for step in steps:
+        assert got[step] == pytest.approx(ref[step], abs=tol), (step, got[step], ref[step])
+
+
+@pytest.mark.slow
+def test_two_processes_zero_and_resume_across_process_counts(tmp_path):
+    """40 images, global batch 8 (5 steps an epoch):
+    A  1 process x batch 8, plain AdamW, steps 0-5 (the reference);
+    B  2 processes x batch 4, DDP, steps 0-1;
+    C  2 processes x batch 4, ZeRO stage 1, resumed from B's step-2 checkpoint (full state -> shards), steps 2-3;
+    D  1 process x batch 4 x accumulation 2, plain AdamW, resumed from C's consolidated step-4 checkpoint (mid-epoch:
+       the data position is rescaled to the smaller loader batch), steps 4-5."""
+    images = write_images(tmp_path / "images", 40)
+    a, b, c, d = (tmp_path / x for x in "abcd")
+    run(load_recipe("pretrain", _args(images, a, "data.batch_size=8", "trainer.max_steps=6")))
+    ddp = ("data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
+    _cli(*_args(images, b, *ddp, "trainer.max_steps=2"))
+    _cli(*_args(images, c, *ddp, "optim.zero=true", "trainer.max_steps=4", f"resume={b}/checkpoints/step=000002.ckpt"))
+    accumulate = ("data.batch_size=4", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
+    run(load_recipe("pretrain", _args(images, d, *accumulate, f"resume={c}/checkpoints/step=000004.ckpt")))
+
+    # Losses are means over both processes (every image has the same number of masked pixels), gradients are
+    # DDP averages: float32 summation order is the only difference.
+    loss_a, norm_a = _metrics(a, "train/loss_step"), _metrics(a, "train/grad_norm")
+    _assert_close(_metrics(b, "train/loss_step"), loss_a, [0, 1], 1e-5)
+    _assert_close(_metrics(b, "train/grad_norm"), norm_a, [0, 1], 1e-5)
+    _assert_close(_metrics(c, "train/loss_step"), loss_a, [2, 3], 1e-5)
+    _assert_close(_metrics(c, "train/grad_norm"), norm_a, [2, 3], 1e-5)
+    _assert_close(_metrics(d, "train/grad_norm"), norm_a, [4, 5], 1e-5)  # per micro-batch losses differ
+
+    # The sharded run's checkpoint holds the full AdamW state, in the plain optimizer's format and order.
+    ref, zero = _ckpt(a, 4), _ckpt(c, 4)
+    (opt_ref,), (opt_zero,) = ref["optimizer_states"], zero["optimizer_states"]
+    assert len(opt_zero["state"]) == len(opt_ref["state"]) > 0
+    for i, state in opt_ref["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_zero["state"][i][key], state[key], atol=1e-6, rtol=1e-4)
+        assert float(opt_zero["state"][i]["step"]) == float(state["step"]) == 4
+    for g_ref, g_zero in zip(opt_ref["param_groups"], opt_zero["param_groups"], strict=True):
+        for key in ("params", "param_names", "lr", "initial_lr", "weight_decay"):
+            assert g_zero[key] == pytest.approx(g_ref[key]) if key.endswith("lr") else g_zero[key] == g_ref[key]
+    assert {g["weight_decay"] for g in opt_zero["param_groups"]} == {0.0, 0.05}
+    rng = zero["simmim"]["torch_rng"]  # one generator state per rank, each rank its own stream
+    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])
+    for key, value in ref["state_dict"].items():
+        torch.testing.assert_close(zero["state_dict"][key], value, atol=1e-5, rtol=1e-4)
+
+    final_a = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
+    final_d = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final_d["global_step"] == final_a["global_step"] == 6
+    for key, value in final_a["state_dict"].items():
+        torch.testing.assert_close(final_d["state_dict"][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_accumulation_drops_partial_step_and_scales_lr(tmp_path):
+    """7 batches of 4 with accumulation 3: two full optimizer steps an epoch, the 7th batch is dropped, and the lr
+    is scaled by 4 x 3 = 12 images."""
+    images = write_images(tmp_path / "images", 28)
+    seen = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.current_epoch, batch_idx))
+
+    args = _args(images, tmp_path / "run", "data.batch_size=4", "trainer.accumulate_grad_batches=3")
+    args += ["schedule.name=constant", "schedule.warmup_epochs=0", "checkpoint.every_n_steps=0"]
+    out = run(load_recipe("pretrain", args), callbacks=[Count()])
+    assert out["steps"] == 4  # 2 epochs x 2 steps
+    assert seen == [(e, i) for e in (0, 1) for i in range(6)]
+    ck = torch.load(out["checkpoint"], weights_only=True)
+    assert ck["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.2 * 12 / 512)
+
+
+def test_rescale_position_counts_images():
+    assert rescale_position(3, 8, 8) == 3
+    assert rescale_position(3, None, 4) == 3  # checkpoints from before the position was recorded
+    assert rescale_position(3, 8, 4) == 6
+    with pytest.warns(UserWarning, match="4 of them are seen again"):
+        assert rescale_position(3, 4, 8) == 1
+
+
+def test_seed_rank_gives_each_rank_its_own_stream():
+    def draw(rank, world, saved=None):
+        torch.manual_seed(7)
+        seed_rank(SimpleNamespace(global_rank=rank, world_size=world), saved)
+        return torch.rand(3)
+
+    single = draw(0, 1)
+    assert torch.equal(draw(0, 2), single)  # rank 0 keeps the one-process stream
+    assert not torch.equal(draw(1, 2), single)
+    torch.manual_seed(3)
+    saved = torch.stack([torch.get_rng_state(), torch.manual_seed(4).get_state()])
+    expected = torch.rand(3)  # continues the stream of the generator seeded with 4, i.e. row 1
+    assert torch.equal(draw(1, 2, saved), expected)
+    assert torch.equal(draw(1, 3, saved[:1]), draw(1, 3))  # a rank the checkpoint did not have: seed + rank
