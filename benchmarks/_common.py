@@ -27,9 +27,11 @@ def build_pair(name: str, img_size: int, window_size: int, num_classes: int = 10
     return ours, theirs
 
 
-def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
-    """One training step: forward (optionally under bf16 autocast), cross-entropy, backward, AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+def make_train_step(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, fused: bool = True
+) -> Callable[[], None]:
+    """One training step: forward (optionally under CPU bf16 autocast), cross-entropy, backward, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
     model.train()
 
     def step() -> None:

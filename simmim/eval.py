@@ -10,7 +10,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from simmim.data import ClassificationDataModule
 from simmim.models.swinv2 import SwinTransformerV2
@@ -20,7 +19,6 @@ __all__ = [
     "knn_predict",
     "knn_accuracy",
     "knn_evaluate",
-    "memory_bank_loader",
     "find_encoder",
     "KNNMonitor",
 ]
@@ -116,12 +114,6 @@ def knn_evaluate(
     return knn_accuracy(tf, tl, vf, vl, k, temperature, num_classes)
 
 
-def memory_bank_loader(dm: ClassificationDataModule) -> DataLoader:
-    """The training images of a set-up :class:`ClassificationDataModule` with its *evaluation* transforms (the
-    kNN memory bank: no augmentation), in order."""
-    return dm._loader(dm._dataset(dm.source, dm.eval_transform, dm.train_indices))
-
-
 def find_encoder(module: torch.nn.Module) -> SwinTransformerV2:
     """The first SwinV2 inside ``module`` (e.g. ``pl_module.model.encoder`` of the pretraining module)."""
     for m in module.modules():
@@ -171,7 +163,7 @@ class KNNMonitor(pl.Callback):
                 cache["dm"].setup("fit")
             return cache["dm"]
 
-        return cls(lambda: memory_bank_loader(dm()), lambda: dm().val_dataloader(), **kwargs)
+        return cls(lambda: dm().train_eval_dataloader(), lambda: dm().val_dataloader(), **kwargs)
 
     @staticmethod
     def _loader(source: Loader | Callable[[], Loader]) -> Loader:

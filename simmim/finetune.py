@@ -237,7 +237,7 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
-    from simmim.eval import knn_evaluate, memory_bank_loader
+    from simmim.eval import knn_evaluate
 
     if not cfg.pretrained:
         raise RecipeError("mode=knn evaluates pretrained weights: give pretrained=PATH")
@@ -248,7 +248,7 @@ def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
     dm.setup("fit")
     bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
     result = knn_evaluate(
-        model, memory_bank_loader(dm), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
+        model, dm.train_eval_dataloader(), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
     )
     return {"mode": "knn", "k": cfg.knn.k, "temperature": cfg.knn.temperature, "val": result}
 

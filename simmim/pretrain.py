@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
 from simmim.checkpoint import save_encoder
 from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
+from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from simmim.distributed import gather_rng_states, rescale_position, seed_rank, shard_optimizer
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
@@ -396,7 +397,7 @@ def _sample_images(datamodule: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def save_reconstructions(module: SimMIMPretrainModule, datamodule: Any, path: str | Path, n: int = 8) -> Path:
     """A grid original / masked / prediction / pasted for ``n`` images (:mod:`simmim.visualize`)."""
-    from simmim.visualize import IMAGENET_MEAN, IMAGENET_STD, save_reconstruction_grid
+    from simmim.visualize import save_reconstruction_grid
 
     images, masks = _sample_images(datamodule, n)
     hp = getattr(datamodule, "hparams", {})
@@ -404,6 +405,26 @@ def save_reconstructions(module: SimMIMPretrainModule, datamodule: Any, path: st
     title = f"{module.hparams.model_config['model']} step {module.global_step}"
     save_reconstruction_grid(module.model, images, masks, path, mean=mean, std=std, title=title)
     return Path(path)
+
+
+def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callback:
+    """Reconstruction grids of fixed images every ``visualize_every_n_steps`` (``run_dir/reconstructions``).
+    The images are read before fitting, so the train sampler's resume position is left untouched."""
+    from simmim.visualize import ReconstructionGridCallback
+
+    images, _ = _sample_images(datamodule, max(1, cfg.reconstructions))
+    hp = datamodule.hparams
+    return ReconstructionGridCallback(
+        images,
+        every_n_steps=cfg.visualize_every_n_steps,
+        num_images=len(images),
+        seed=cfg.seed,
+        mask_patch_size=cfg.data.mask_patch_size,
+        mask_ratio=cfg.data.mask_ratio,
+        mean=hp.get("mean", IMAGENET_MEAN),
+        std=hp.get("std", IMAGENET_STD),
+        dirpath=run_dir / "reconstructions",
+    )
 
 
 # ---- entry points ----------------------------------------------------------------------------------------------
@@ -421,6 +442,9 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         raise RecipeError(str(e)) from e
     if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup (simmim.memory)
         callbacks = [*callbacks, MemoryPlanner()]
+    callbacks = list(callbacks)
+    if cfg.visualize_every_n_steps > 0:
+        callbacks.append(_grid_callback(cfg, datamodule, run_dir))
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         save_recipe(cfg, run_dir / "recipe.yaml")

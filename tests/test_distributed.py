@@ -82,7 +82,8 @@ def test_two_processes_zero_and_resume_across_process_counts(tmp_path):
     a, b, c, d = (tmp_path / x for x in "abcd")
     run(load_recipe("pretrain", _args(images, a, "data.batch_size=8", "trainer.max_steps=6")))
     ddp = ("data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
-    _cli(*_args(images, b, *ddp, "trainer.max_steps=2"))
+    res = _cli(*_args(images, b, *ddp, "trainer.max_steps=2", "memory=auto"))
+    assert (res.stdout + res.stderr).count("memory=auto: est.") == 1  # planned on rank 0, logged once
     _cli(*_args(images, c, *ddp, "optim.zero=true", "trainer.max_steps=4", f"resume={b}/checkpoints/step=000002.ckpt"))
     accumulate = ("data.batch_size=4", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
     run(load_recipe("pretrain", _args(images, d, *accumulate, f"resume={c}/checkpoints/step=000004.ckpt")))

@@ -113,6 +113,7 @@ def _fit(image_folder, callbacks):
 
     trainer = pl.Trainer(
         max_epochs=1,
+        limit_train_batches=2,
         accelerator="cpu",
         precision="32-true",
         logger=False,

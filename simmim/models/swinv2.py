@@ -283,7 +283,7 @@ class _CosineWindowAttention(torch.autograd.Function):
             torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, -1))
             grad = torch.matmul(grad_out, v.transpose(-2, -1))
             torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)  # d logits, in place
-            grad_bias = grad.sum(0, dtype=scale.dtype).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+            grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None  # float accumulation
             grad_scale = None
             # d/dq of s * q / max(|q|, eps) = s / |q| * (g - u <u, g>), u = q / |q| (no projection when clamped)
             for i, (norm, hat_grad) in enumerate(

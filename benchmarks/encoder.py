@@ -1,0 +1,73 @@
+"""Training-step throughput of our SwinV2 against timm's, same weights, same process, interleaved rounds.
+
+    python benchmarks/encoder.py                      # SwinV2-T, 192 px, window 12, batch 8, fp32 and bf16
+    python benchmarks/encoder.py --rounds 10 --dtypes bf16 --threads 2
+
+One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step.
+Rounds alternate the order of the two models so background load hits both alike; the table reports the
+median step. MFU = model FLOPs (matrix products counted by torch's FlopCounterMode on the timm step) per second
+over the measured peak of a large matmul in the same dtype on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import build_pair, interleaved, make_train_step, matmul_peak, step_flops  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="swinv2_tiny")
+    ap.add_argument("--img-size", type=int, default=192)
+    ap.add_argument("--window", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds (median reported)")
+    ap.add_argument("--steps", type=int, default=1, help="steps per model per round")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--foreach-adamw", action="store_true", help="torch's default AdamW instead of fused=True")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, theirs = build_pair(args.model, args.img_size, args.window)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 1000, (args.batch,))
+    fused = not args.foreach_adamw
+    print(
+        f"# {args.model} {args.img_size}px window {args.window} batch {args.batch}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"AdamW {'fused' if fused else 'foreach'}, {args.rounds} rounds x {args.steps} step(s)"
+    )
+    print("| dtype | ours img/s | timm img/s | ours / timm | ours MFU | timm MFU | matmul peak GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.dtypes.split(","):
+        if name not in ("fp32", "bf16"):
+            raise SystemExit(f"--dtypes: unknown dtype {name!r}; use fp32 and/or bf16")
+        bf16 = name == "bf16"
+        steps = {
+            "ours": make_train_step(ours, x, y, bf16, fused=fused),
+            "timm": make_train_step(theirs, x, y, bf16, fused=fused),
+        }
+        flops = step_flops(steps["timm"])
+        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+        sec = interleaved(steps, rounds=args.rounds, steps=args.steps)
+        ips = {k: args.batch / v for k, v in sec.items()}
+        mfu = {k: flops / v / peak for k, v in sec.items()}
+        print(
+            f"| {name} | {ips['ours']:.2f} | {ips['timm']:.2f} | {sec['timm'] / sec['ours']:.2f}x | "
+            f"{mfu['ours']:.0%} | {mfu['timm']:.0%} | {peak / 1e9:.0f} |",
+            flush=True,
+        )
+    print(f"# model FLOPs per step (fwd+bwd matrix products): {flops / 1e9:.1f} GFLOP")
+
+
+if __name__ == "__main__":
+    main()
