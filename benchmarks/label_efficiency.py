@@ -60,7 +60,7 @@ def pretrain_cmd(p: dict, run_dir: Path, workers: int) -> list[str]:
         f"data.root={DATA}", "data.source=folder", "data.val_root=null",  # the training images, labels unused
         f"data.mask_patch_size={p['mask_patch_size']}", f"data.batch_size={p['batch_size']}",
         f"data.num_workers={workers}", f"schedule.epochs={p['pretrain_epochs']}",
-        # the pretraining recipe's warmup_epochs is an int: 0 for runs of a few epochs, else 1
+        # no warmup for runs of a few epochs, else one epoch
         f"schedule.warmup_epochs={int(p['pretrain_epochs'] >= 5)}", "checkpoint.every_n_steps=0",
         "reconstructions=8",
     ]  # fmt: skip
