@@ -23,8 +23,9 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from simmim.config import RecipeError
+from simmim.data.sampler import EpochSampler
 
-__all__ = ["shard_optimizer", "gather_rng_states", "seed_rank", "rescale_position"]
+__all__ = ["shard_optimizer", "shard_train_sampler", "gather_rng_states", "seed_rank", "rescale_position"]
 
 
 def _sharding_strategy(strategy: pl.strategies.Strategy) -> str | None:
@@ -60,6 +61,26 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, trainer: pl.Trainer) -> to
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     groups = [dict(g) for g in optimizer.param_groups]
     return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **defaults)
+
+
+def shard_train_sampler(trainer: pl.Trainer) -> None:
+    """Rebuild the datamodule's ``train_sampler`` for this process when it was built for another rank or world size
+    (the train loader was read before the trainer existed, e.g. to pick images to visualise): every process would
+    otherwise train on every image."""
+    datamodule = trainer.datamodule
+    sampler = getattr(datamodule, "train_sampler", None)
+    here = (trainer.global_rank, trainer.world_size)
+    if not isinstance(sampler, EpochSampler) or (sampler.rank, sampler.world_size) == here:
+        return
+    datamodule.train_sampler = EpochSampler(
+        sampler.size,
+        sampler.batch_size,
+        shuffle=sampler.shuffle,
+        drop_last=sampler.drop_last,
+        seed=sampler.seed,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+    )
 
 
 def gather_rng_states(trainer: pl.Trainer) -> torch.Tensor:

@@ -32,7 +32,7 @@ from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard,
 from simmim.checkpoint import save_encoder
 from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
 from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from simmim.distributed import gather_rng_states, rescale_position, seed_rank, shard_optimizer
+from simmim.distributed import gather_rng_states, rescale_position, seed_rank, shard_optimizer, shard_train_sampler
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import MODEL_CONFIGS
@@ -169,6 +169,10 @@ class SimMIMPretrainModule(pl.LightningModule):
         if accumulate > 1 and batch_idx >= self.trainer.num_training_batches // accumulate * accumulate:
             return -1
         return None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # runs after the datamodule's setup, with the process group up
+            shard_train_sampler(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         o, s = self.optim_cfg, self.schedule_cfg

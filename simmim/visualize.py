@@ -101,10 +101,7 @@ class Reconstructions:
     def target_note(self) -> str:
         """One line saying which space the prediction was shown in."""
         if self.norm_target:
-            return (
-                f"NORM_TARGET: prediction un-normalised with each image's local mean/std "
-                f"({self.norm_target_patch_size} px)"
-            )
+            return f"NORM_TARGET: prediction un-normalised with local mean/std ({self.norm_target_patch_size} px)"
         return "target: the normalised input pixels"
 
 
@@ -192,6 +189,15 @@ def _to_uint8(x: torch.Tensor, zoom: int) -> np.ndarray:
     return arr.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
 
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` px (the grid's size never depends on its text)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
 def grid_zoom(img_size: int, min_tile: int = 96) -> int:
     """Integer upscaling so small images (e.g. 32-px Fashion-MNIST) stay readable: ceil(min_tile / size)."""
     return max(1, math.ceil(min_tile / img_size))
@@ -220,9 +226,11 @@ def make_grid(recs: Reconstructions, title: str = "", min_tile: int = 96) -> np.
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
     font = _font()
-    head = f"{title}  |  mean masked L1={recs.loss.mean():.4f}" if title else f"mean masked L1={recs.loss.mean():.4f}"
-    draw.text((4, 1), head, fill=(0, 0, 0), font=font)
-    draw.text((4, 14), recs.target_note, fill=(90, 90, 90), font=font)
+    loss = f"mean masked L1={recs.loss.mean():.4f}"
+    # loss first, so a title too long for a narrow grid loses its end, not the number
+    head = f"{loss}  |  {title}" if title else loss
+    draw.text((4, 1), _fit(draw, head, font, width - 8), fill=(0, 0, 0), font=font)
+    draw.text((4, 14), _fit(draw, recs.target_note, font, width - 8), fill=(90, 90, 90), font=font)
     for i, loss in enumerate(recs.loss):
         draw.text((LABEL_W + PAD + i * (tw + PAD) + 2, TITLE_H), f"L1={loss:.3f}", fill=(0, 0, 0), font=font)
     for r, row in enumerate(ROWS):
@@ -375,15 +383,17 @@ def plot_temperatures(model: nn.Module, path: str | Path | None = None) -> Figur
 def plot_position_bias(
     model: nn.Module, path: str | Path | None = None, max_blocks: int = 4, max_heads: int = 4
 ) -> Figure:
-    """16 * sigmoid(cpb_mlp) over query-key offsets for the first ``max_heads`` heads of ``max_blocks`` blocks
-    spread over the depth."""
-    maps = position_bias_maps(model)
+    """16 * sigmoid(cpb_mlp) over (query - key) offsets for the first ``max_heads`` heads of up to ``max_blocks``
+    blocks spread over the depth (blocks whose window is a single token have no offsets to show)."""
+    maps = {name: m for name, m in position_bias_maps(model).items() if m.shape[1] * m.shape[2] > 1}
+    if not maps:
+        raise ValueError("every attention window of this model is a single token: no position bias to show")
     names = list(maps)
     pick = sorted(
         {names[round(i)] for i in np.linspace(0, len(names) - 1, min(max_blocks, len(names)))}, key=names.index
     )
     ncols = min(max_heads, max(len(maps[n]) for n in pick))
-    fig, axes = _figure(len(pick), ncols, (1.8, 1.8))
+    fig, axes = _figure(len(pick), ncols, (1.9, 1.9))
     for r, name in enumerate(pick):
         for c in range(ncols):
             ax = axes[r, c]
@@ -393,9 +403,12 @@ def plot_position_bias(
             m = maps[name][c]
             ry, rx = (m.shape[0] - 1) // 2, (m.shape[1] - 1) // 2
             im = ax.imshow(m.numpy(), cmap="viridis", extent=(-rx - 0.5, rx + 0.5, ry + 0.5, -ry - 0.5))
+            ax.set_xticks([-rx, 0, rx])
+            ax.set_yticks([-ry, 0, ry])
+            ax.tick_params(labelsize=6)
             ax.set_title(f"{name}, head {c}", fontsize=7)
-            fig.colorbar(im, ax=ax, shrink=0.7)
-    fig.suptitle("Position bias 16*sigmoid(cpb_mlp) by (dy, dx) offset; centre = same token", fontsize=9)
+            fig.colorbar(im, ax=ax, shrink=0.7).ax.tick_params(labelsize=6)
+    fig.suptitle("Position bias 16*sigmoid(cpb_mlp) by offset (dy, dx) = query - key; centre: same token", fontsize=9)
     return _save(fig, path)
 
 
@@ -640,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             mean,
             std,
-            title=f"{Path(args.checkpoint).name}: {names}"[:90],
+            title=f"{Path(args.checkpoint).name}: {names}",
             mask_patch_size=args.mask_patch_size or info.get("mask_patch_size", 32),
             mask_ratio=args.mask_ratio or info.get("mask_ratio", 0.6),
             seed=args.seed,

@@ -77,7 +77,9 @@ def test_two_processes_zero_and_resume_across_process_counts(tmp_path):
     B  2 processes x batch 4, DDP, steps 0-1;
     C  2 processes x batch 4, ZeRO stage 1, resumed from B's step-2 checkpoint (full state -> shards), steps 2-3;
     D  1 process x batch 4 x accumulation 2, plain AdamW, resumed from C's consolidated step-4 checkpoint (mid-epoch:
-       the data position is rescaled to the smaller loader batch), steps 4-5."""
+       the data position is rescaled to the smaller loader batch), steps 4-5.
+    quickstart's visualisation callback reads training images before the trainer exists: the processes must still
+    get their own shards."""
     images = write_images(tmp_path / "images", 40)
     a, b, c, d = (tmp_path / x for x in "abcd")
     run(load_recipe("pretrain", _args(images, a, "data.batch_size=8", "trainer.max_steps=6")))

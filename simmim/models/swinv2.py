@@ -9,7 +9,13 @@ Differences from the official code that do not change results for its inputs:
 - inputs of any size are accepted: each stage pads to a multiple of the window *before* the cyclic shift and
   masks padded tokens out of attention, so no token attends across the wrap-around (timm issue #2438);
 - attention is fused (the temperature is folded into q, the position bias and shift mask form one additive
-  mask), with an optional chunked "sequential" attention and per-block activation checkpointing.
+  mask); on CPU a hand-written autograd function (:class:`_CosineWindowAttention`) replaces the autograd graph,
+  elsewhere ``scaled_dot_product_attention``;
+- under bf16 autocast the position bias, the norms, the temperature and the softmax stay in float32 (timm and
+  the official code run the bias MLP in bf16 under autocast);
+- memory savers that change nothing else: per-block activation checkpointing (``use_checkpoint``) and
+  sequential attention over chunks of (window, head) pairs (``attn_chunk_size``), which never materialises a
+  [nW * nH, N, N] tensor (masks are kept as per-token region ids, see :class:`WindowMask`).
 """
 
 from __future__ import annotations
@@ -239,21 +245,23 @@ class _CosineWindowAttention(torch.autograd.Function):
 
     Why: PyTorch's CPU SDPA takes its math path for a bias that needs a gradient (upcasting bfloat16), and the
     autograd graph of the plain formulation makes many passes over the (windows, heads, N, N) tensors, several
-    of them strided. Here q, k, v are copied once to contiguous head-major layout, the temperature is folded
-    into q, logits come from one matmul per image, and bias add and softmax run in float32 on one image's logits
-    at a time (cache-sized), so bfloat16 only rounds the matmul inputs and the probabilities. Saved for backward:
-    qkv, the norms and the probabilities; q, k, v are rebuilt from qkv.
+    of them strided. Here q, k, v are copied once to contiguous head-major layout and normalised in place (the
+    temperature folded into q, the factors computed in float32), logits come from one matmul per image, and
+    bias add and softmax run in float32 on one image's logits at a time (cache-sized), so bfloat16 only rounds
+    the matmul inputs and the probabilities. Saved for backward: normalised q, k, v, the norms, the probabilities.
     """
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        bw, n, _ = qkv.shape
+        bw, n, c3 = qkv.shape
         nh, g = scale.shape[0], bias.shape[0]
         b = bw * nh // g
         with torch.autocast(qkv.device.type, enabled=False):
-            heads = _split_heads(qkv, nh)
-            norms = [_norm(t, scale.dtype) for t in heads[:2]]
-            q, k, v = (t.view(b, g, n, -1) for t in _scale_qk(heads, scale, norms))
+            heads = qkv.view(bw, n, 3, nh, c3 // (3 * nh)).permute(2, 0, 3, 1, 4).contiguous()  # [3, B*nW, nH, N, hd]
+            norms = torch.linalg.vector_norm(heads[:2], dim=-1, keepdim=True, dtype=scale.dtype).clamp_min_(1e-12)
+            heads[0].mul_(scale / norms[0])  # = F.normalize(q) * scale
+            heads[1].mul_(norms[1].reciprocal())
+            q, k, v = (t.view(b, g, n, -1) for t in heads)
             attn = torch.empty(b, g, n, n, dtype=qkv.dtype, device=qkv.device)
             scratch = None if bias.dtype == qkv.dtype else torch.empty_like(bias)
             for i in range(b):
@@ -266,57 +274,37 @@ class _CosineWindowAttention(torch.autograd.Function):
                     torch.softmax(scratch, -1, out=scratch)
                     attn[i].copy_(scratch)
             out = torch.matmul(attn, v)
-        ctx.save_for_backward(qkv, scale, *norms, attn)
+        ctx.save_for_backward(heads, scale, norms, attn)
         ctx.bias_dtype = bias.dtype
         return out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        qkv, scale, q_norm, k_norm, attn = ctx.saved_tensors
-        bw, n, c3 = qkv.shape
-        nh, (b, g) = scale.shape[0], attn.shape[:2]
-        with torch.autocast(qkv.device.type, enabled=False):
-            heads = _split_heads(qkv, nh)
-            q, k, v = (t.view(b, g, n, -1) for t in _scale_qk(heads, scale, (q_norm, k_norm)))
-            grad_out = grad_out.to(qkv.dtype).view(bw, n, nh, -1).transpose(1, 2).reshape(b, g, n, -1)
-            grad_heads = torch.empty_like(heads)  # [3, B*nW, nH, N, hd]
-            torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, -1))
+        heads, scale, norms, attn = ctx.saved_tensors
+        _, bw, nh, n, hd = heads.shape
+        b, g = attn.shape[:2]
+        with torch.autocast(heads.device.type, enabled=False):
+            q, k, v = (t.view(b, g, n, -1) for t in heads)
+            grad_out = grad_out.to(heads.dtype).view(bw, n, nh, hd).transpose(1, 2).reshape(b, g, n, hd)
+            grad_heads = torch.empty_like(heads)
+            torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, hd))
             grad = torch.matmul(grad_out, v.transpose(-2, -1))
             torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)  # d logits, in place
             grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None  # float accumulation
+            # x_hat = t * x / max(|x|, eps), t = scale for q and 1 for k: with a = <x_hat, d x_hat>,
+            # dx = t / |x| * d x_hat - a / (t |x|) * x_hat (no projection term where the norm was clamped),
+            # d scale = sum of a / scale over tokens.
+            temps = (scale, torch.ones_like(scale))
+            hat_grads = (torch.matmul(grad, k), torch.matmul(grad.transpose(-2, -1), q))
             grad_scale = None
-            # d/dq of s * q / max(|q|, eps) = s / |q| * (g - u <u, g>), u = q / |q| (no projection when clamped)
-            for i, (norm, hat_grad) in enumerate(
-                ((q_norm, torch.matmul(grad, k)), (k_norm, torch.matmul(grad.transpose(-2, -1), q)))
-            ):
-                unit = heads[i].to(norm.dtype).div_(norm)
-                hat_grad = hat_grad.view_as(unit).to(norm.dtype)
-                dot = torch.linalg.vecdot(unit, hat_grad).unsqueeze(-1)
+            for i in range(2):
+                hat, hat_grad, norm, temp = heads[i], hat_grads[i].view(bw, nh, n, hd), norms[i], temps[i]
+                a = torch.linalg.vecdot(hat.to(norm.dtype), hat_grad.to(norm.dtype)).unsqueeze(-1)
                 if i == 0:
-                    grad_scale = dot.sum((0, 2)).view_as(scale)
-                dot.masked_fill_(norm <= 1e-12, 0.0)
-                factor = scale / norm if i == 0 else norm.reciprocal()
-                torch.mul(hat_grad.sub_(unit.mul_(dot)), factor, out=grad_heads[i])
-        return grad_heads.permute(1, 3, 0, 2, 4).reshape(bw, n, c3), grad_scale, grad_bias
-
-
-def _split_heads(qkv: torch.Tensor, nh: int) -> torch.Tensor:
-    """[B*nW, N, 3C] -> contiguous [3, B*nW, nH, N, hd]: one copy, after which the elementwise work runs on
-    contiguous rows (several times faster than on the strided views)."""
-    bw, n, c3 = qkv.shape
-    return qkv.view(bw, n, 3, nh, c3 // (3 * nh)).permute(2, 0, 3, 1, 4).contiguous()
-
-
-def _norm(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """max(|t|, 1e-12) over the last dimension, as F.normalize, accumulated in ``dtype``."""
-    return torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=dtype).clamp_min_(1e-12)
-
-
-def _scale_qk(heads: torch.Tensor, scale: torch.Tensor, norms) -> tuple[torch.Tensor, ...]:
-    """q * scale / |q|, k / |k| (multiplied in the norms' precision, stored in the heads' dtype) and v."""
-    q = torch.mul(heads[0], scale / norms[0]).to(heads.dtype)
-    k = torch.mul(heads[1], norms[1].reciprocal()).to(heads.dtype)
-    return q, k, heads[2]
+                    grad_scale = (a.sum((0, 2)) / scale.view(-1, 1)).view_as(scale)
+                coef = a.div_(temp * norm).masked_fill_(norm <= 1e-12, 0.0)
+                torch.mul(hat_grad, temp / norm, out=grad_heads[i]).addcmul_(hat, coef, value=-1)
+        return grad_heads.permute(1, 3, 0, 2, 4).reshape(bw, n, 3 * nh * hd), grad_scale, grad_bias
 
 
 class WindowMask:
