@@ -180,7 +180,7 @@ def _numpy_globals() -> list[Any]:
 
 
 def _safe_globals(path: Path) -> list[Any]:
-    """An allowlist for the weights-only unpickler: numpy scalars/arrays as themselves, any other class
+    """An allowlist for the weights-only unpickler: numpy scalars/arrays and paths as themselves, any other class
     (the official files' yacs ``config``, omegaconf hyper-parameters) read as a plain OrderedDict, never run."""
     import importlib
 
@@ -191,6 +191,8 @@ def _safe_globals(path: Path) -> list[Any]:
         if module.split(".")[0] == "numpy":
             allow.append(getattr(importlib.import_module(module), attr))
             numpy_seen = True
+        elif module == "pathlib" and attr in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            allow.append(getattr(importlib.import_module(module), attr))  # data roots in saved hyper-parameters
         else:
             allow.append((OrderedDict, name))
     return allow + (_numpy_globals() if numpy_seen else [])
