@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-DATA = "/work/shared/data/imagenette2-224"
 HERE = Path(__file__).resolve().parent
+# shared/ lies beside the checkout (as in CI); --data points elsewhere.
+DATA = HERE.parent.parent / "shared" / "data" / "imagenette2-224"
 
 # Sizes per budget. "limit" keys cap training batches per epoch (None: full epochs); validation and the final
 # test always use the whole Imagenette val set (it is ordered by class, so a partial one would be one class).
@@ -57,7 +58,7 @@ def pretrain_cmd(p: dict, run_dir: Path, workers: int) -> list[str]:
         sys.executable, "-m", "simmim.pretrain", "recipe=imagenette_cpu", f"run_dir={run_dir}",
         f"model.name={p['model']}", f"model.img_size={p['img_size']}", f"model.window_size={p['window_size']}",
         f"model.norm_target_patch_size={p['norm_target_patch_size']}",
-        f"data.root={DATA}", "data.source=folder", "data.val_root=null",  # the training images, labels unused
+        f"data.root={p['data']}", "data.source=folder", "data.val_root=null",  # the training images, labels unused
         f"data.mask_patch_size={p['mask_patch_size']}", f"data.batch_size={p['batch_size']}",
         f"data.num_workers={workers}", f"schedule.epochs={p['pretrain_epochs']}",
         # no warmup for runs of a few epochs, else one epoch
@@ -73,7 +74,7 @@ def finetune_cmd(p: dict, run_dir: Path, fraction: float, pretrained: Path | Non
     cmd = [
         sys.executable, "-m", "simmim.finetune", "recipe=imagenette_cpu", f"run_dir={run_dir}",
         f"model.name={p['model']}", f"model.img_size={p['img_size']}", f"model.window_size={p['window_size']}",
-        f"data.root={DATA}", f"data.label_fraction={fraction}", f"data.batch_size={p['batch_size']}",
+        f"data.root={p['data']}", f"data.label_fraction={fraction}", f"data.batch_size={p['batch_size']}",
         f"data.num_workers={workers}", f"schedule.epochs={p['finetune_epochs']}",
         f"schedule.warmup_epochs={min(1.0, p['finetune_epochs'] / 5)}", "trainer.enable_progress_bar=false",
     ]  # fmt: skip
@@ -114,10 +115,12 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--data", type=Path, default=DATA, help="Imagenette root with train/ and val/")
     for key in ("model", "img_size", "window_size", "batch_size", "pretrain_epochs", "finetune_epochs"):
         ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=str if key == "model" else int)
     args = ap.parse_args()
     p = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k in PRESETS["smoke"] and v is not None}}
+    p["data"] = str(args.data)
     out = args.out / args.preset
     print(f"preset {args.preset}: {json.dumps(p)}")
 
