@@ -153,7 +153,7 @@ class SimMIMPretrainModule(pl.LightningModule):
         return self.total_batch() // self.trainer.accumulate_grad_batches
 
     def steps_per_epoch(self) -> int:
-        self.trainer.estimated_stepping_batches  # noqa: B018 - sizes the train loader (num_training_batches)
+        self.trainer.fit_loop.setup_data()  # sizes the train loader (num_training_batches), also under max_steps
         batches, accumulate = self.trainer.num_training_batches, self.trainer.accumulate_grad_batches
         if batches < accumulate:
             raise RecipeError(
@@ -387,23 +387,11 @@ def export_encoder(module: SimMIMPretrainModule, path: str | Path) -> Path:
     return save_encoder(sd, path, module.hparams.model_config)
 
 
-def _sample_images(datamodule: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images and masks of the validation split (else the training split)."""
-    has_val = getattr(datamodule, "val_set", None) is not None
-    images, masks = [], []
-    for batch in datamodule.val_dataloader() if has_val else datamodule.train_dataloader():
-        images.append(batch["image"])
-        masks.append(batch["mask"])
-        if sum(len(x) for x in images) >= n:
-            break
-    return torch.cat(images)[:n], torch.cat(masks)[:n]
-
-
 def save_reconstructions(module: SimMIMPretrainModule, datamodule: Any, path: str | Path, n: int = 8) -> Path:
     """A grid original / masked / prediction / pasted for ``n`` images (:mod:`simmim.visualize`)."""
-    from simmim.visualize import save_reconstruction_grid
+    from simmim.visualize import sample_images, save_reconstruction_grid
 
-    images, masks = _sample_images(datamodule, n)
+    images, masks = sample_images(datamodule, n)
     hp = getattr(datamodule, "hparams", {})
     mean, std = hp.get("mean", IMAGENET_MEAN), hp.get("std", IMAGENET_STD)
     title = f"{module.hparams.model_config['model']} step {module.global_step}"
@@ -414,9 +402,9 @@ def save_reconstructions(module: SimMIMPretrainModule, datamodule: Any, path: st
 def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callback:
     """Reconstruction grids of fixed images every ``visualize_every_n_steps`` (``run_dir/reconstructions``).
     The images are read before fitting, so the train sampler's resume position is left untouched."""
-    from simmim.visualize import ReconstructionGridCallback
+    from simmim.visualize import ReconstructionGridCallback, sample_images
 
-    images, _ = _sample_images(datamodule, max(1, cfg.reconstructions))
+    images, _ = sample_images(datamodule, max(1, cfg.reconstructions))
     hp = datamodule.hparams
     return ReconstructionGridCallback(
         images,

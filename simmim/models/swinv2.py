@@ -258,9 +258,11 @@ class _CosineWindowAttention(torch.autograd.Function):
         b = bw * nh // g
         with torch.autocast(qkv.device.type, enabled=False):
             heads = qkv.view(bw, n, 3, nh, c3 // (3 * nh)).permute(2, 0, 3, 1, 4).contiguous()  # [3, B*nW, nH, N, hd]
-            norms = torch.linalg.vector_norm(heads[:2], dim=-1, keepdim=True, dtype=scale.dtype).clamp_min_(1e-12)
-            heads[0].mul_(scale / norms[0])  # = F.normalize(q) * scale
-            heads[1].mul_(norms[1].reciprocal())
+            # per-row factors in float32 (at least); every large elementwise op stays in one dtype (mixed-dtype
+            # ops make hidden converted copies on CPU)
+            norms = torch.linalg.vector_norm(heads[:2], dim=-1, keepdim=True).to(scale.dtype).clamp_min_(1e-12)
+            heads[0].mul_((scale / norms[0]).to(heads.dtype))  # = F.normalize(q) * scale
+            heads[1].mul_(norms[1].reciprocal().to(heads.dtype))
             q, k, v = (t.view(b, g, n, -1) for t in heads)
             attn = torch.empty(b, g, n, n, dtype=qkv.dtype, device=qkv.device)
             scratch = None if bias.dtype == qkv.dtype else torch.empty_like(bias)
@@ -299,11 +301,11 @@ class _CosineWindowAttention(torch.autograd.Function):
             grad_scale = None
             for i in range(2):
                 hat, hat_grad, norm, temp = heads[i], hat_grads[i].view(bw, nh, n, hd), norms[i], temps[i]
-                a = torch.linalg.vecdot(hat.to(norm.dtype), hat_grad.to(norm.dtype)).unsqueeze(-1)
+                a = torch.linalg.vecdot(hat, hat_grad).unsqueeze(-1).to(norm.dtype)
                 if i == 0:
                     grad_scale = (a.sum((0, 2)) / scale.view(-1, 1)).view_as(scale)
-                coef = a.div_(temp * norm).masked_fill_(norm <= 1e-12, 0.0)
-                torch.mul(hat_grad, temp / norm, out=grad_heads[i]).addcmul_(hat, coef, value=-1)
+                coef = a.div_(temp * norm).masked_fill_(norm <= 1e-12, 0.0).to(hat.dtype)
+                torch.mul(hat_grad, (temp / norm).to(hat.dtype), out=grad_heads[i]).addcmul_(hat, coef, value=-1)
         return grad_heads.permute(1, 3, 0, 2, 4).reshape(bw, n, 3 * nh * hd), grad_scale, grad_bias
 
 
