@@ -419,6 +419,24 @@ def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callba
     )
 
 
+def _knn_callback(cfg: DictConfig) -> pl.Callback:
+    """kNN accuracy of the encoder's features on a labelled split every ``knn.every_n_epochs`` epochs."""
+    from simmim.data import ClassificationDataModule
+    from simmim.eval import KNNMonitor
+
+    k, d = cfg.knn, cfg.data
+    make = lambda: ClassificationDataModule(  # noqa: E731 - built at the first evaluation, on each process
+        root=k.root,
+        img_size=cfg.model.img_size,
+        batch_size=k.batch_size,
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory,
+        label_fraction=k.label_fraction,
+        seed=cfg.seed,
+    )
+    return KNNMonitor.from_datamodule(make, every_n_epochs=k.every_n_epochs, bf16="bf16" in str(cfg.trainer.precision))
+
+
 # ---- entry points ----------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Run a resolved recipe (see :func:`simmim.config.load_recipe`); returns paths and the final loss."""
@@ -437,6 +455,8 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     callbacks = list(callbacks)
     if cfg.visualize_every_n_steps > 0:
         callbacks.append(_grid_callback(cfg, datamodule, run_dir))
+    if cfg.knn.root:
+        callbacks.append(_knn_callback(cfg))
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         save_recipe(cfg, run_dir / "recipe.yaml")

@@ -109,3 +109,27 @@ def test_knn_monitor_from_datamodule(tmp_path):
     )  # fmt: skip
     trainer.fit(TinyPretrain(), DataLoader(ColourDataset(8), batch_size=8))
     assert monitor.history[0][1] == {"top1": 100.0}
+
+
+def test_pretraining_recipe_logs_knn_accuracy(image_folder, tmp_path):
+    """knn.root in a pretraining recipe adds the monitor: knn/top1 lands in the run's CSV metrics."""
+    import csv
+
+    from conftest import write_images
+
+    from simmim.config import load_recipe
+    from simmim.pretrain import run
+
+    labelled = tmp_path / "labelled"
+    for seed, (split, c, n) in enumerate([("train", "a", 6), ("train", "b", 6), ("val", "a", 3), ("val", "b", 3)]):
+        write_images(labelled / split / c, n, size=32, seed=seed)
+    args = [
+        f"data.root={image_folder}", "data.source=folder", "data.val_fraction=0.0", "data.batch_size=8",
+        "data.num_workers=0", "schedule.epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true",
+        "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=0", "reconstructions=0",
+        "visualize_every_n_steps=0", f"knn.root={labelled}", "knn.batch_size=4", f"run_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    run(load_recipe("pretrain", args))
+    (metrics,) = (tmp_path / "run" / "logs").glob("version_*/csv/metrics.csv")
+    values = [float(r["knn/top1"]) for r in csv.DictReader(open(metrics)) if r.get("knn/top1")]
+    assert len(values) == 1 and 0.0 <= values[0] <= 100.0
