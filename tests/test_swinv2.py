@@ -14,6 +14,8 @@ from simmim.models.swinv2 import (
     DropPath,
     SwinTransformerBlock,
     SwinTransformerV2,
+    _CosineWindowAttention,
+    _sdpa_attention,
     create_model,
     swin_layer_id,
 )
@@ -256,3 +258,21 @@ def test_configs_layer_ids_and_errors():
         create_model("swinv2_nano", pretrained_window_sizes=(4, 4))
     with pytest.raises(ValueError, match="too small for 4 stages"):
         create_model("swinv2_nano", img_size=16)
+
+
+def test_cpu_attention_function_matches_sdpa_formulation():
+    """The hand-written CPU attention (forward and backward) equals the autograd + SDPA path used elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    bw, n, nh, hd, nw = 6, 9, 2, 4, 3  # 2 images of 3 windows
+    qkv = torch.randn(bw, n, 3 * nh * hd, generator=g, dtype=torch.float64)
+    scale = torch.rand(nh, 1, 1, generator=g, dtype=torch.float64) * 20
+    bias = torch.randn(nw * nh, n, n, generator=g, dtype=torch.float64)
+    bias[:, :, -2:] = -100.0  # some masked keys
+    w = torch.randn(bw, n, nh * hd, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: _CosineWindowAttention.apply(*a), lambda *a: _sdpa_attention(*a, 0.0)):
+        inputs = [t.clone().requires_grad_(True) for t in (qkv, scale, bias)]
+        out = fn(*inputs)
+        results.append([out, *torch.autograd.grad((out * w).sum(), inputs)])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-12

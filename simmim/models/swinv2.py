@@ -107,8 +107,9 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Scaled cosine window attention with a log-spaced continuous position bias (paper eqs. 2-4).
 
-    ``attn_chunk_size`` > 0 computes attention sequentially over chunks of (window, head) pairs, each chunk
-    recomputed in the backward pass, so attention memory is bounded by one chunk (paper section 3.4).
+    ``attn_chunk_size`` > 0 computes attention sequentially over chunks of whole windows, about
+    ``attn_chunk_size`` (window, head) pairs (at least one window), each chunk recomputed in the backward pass,
+    so attention memory is bounded by one chunk (paper section 3.4). Results are unchanged.
     """
 
     def __init__(
@@ -169,8 +170,7 @@ class WindowAttention(nn.Module):
     ) -> torch.Tensor:
         """x: [B*nW, N, C] windows of a batch, image-major; mask: a :class:`WindowMask`, an additive [nW, N, N]
         tensor (shift and padding), or None; num_windows: nW when there is no mask (groups the work by image)."""
-        bw, n, c = x.shape
-        nh = self.num_heads
+        bw, n, _ = x.shape
         if isinstance(mask, torch.Tensor):
             mask = WindowMask(dense=mask)
         nw = mask.num_windows if mask is not None else (num_windows or 1)
@@ -178,46 +178,26 @@ class WindowAttention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
-        # Cosine similarity with a learnt temperature (eq. 2): the temperature is folded into q, norms and
-        # temperature are computed in float32 (at least), so low-precision autocast only sees the matrix products.
+        # Cosine similarity with a learnt temperature (eq. 2), clamped at 100 and computed in float32 (at least).
         scale = torch.clamp(_upcast(self.logit_scale), max=LOG_MAX_SCALE).exp()
         pos_bias = self.position_bias()  # [nH, N, N]
         p = self.attn_drop if self.training else 0.0
-        if self.attn_chunk_size == 0 and p == 0.0 and x.device.type == "cpu":
-            attn_bias = pos_bias.expand(nw, nh, n, n) if mask is None else pos_bias + mask.dense()[:, None]
-            out = _CosineWindowAttention.apply(qkv, scale, attn_bias.reshape(nw * nh, n, n))
+        if self.attn_chunk_size <= 0:
+            out = _attention(qkv, scale, _window_bias(pos_bias, mask, torch.arange(nw, device=x.device)), p)
         else:
-            q, k, v = qkv.view(bw, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)  # [B*nW, nH, N, hd]
-            q = (F.normalize(_upcast(q), dim=-1) * scale).to(v.dtype)
-            k = F.normalize(_upcast(k), dim=-1).to(v.dtype)
-            # One image per row, all its (window, head) pairs along dim 1, so a [nW*nH, N, N] bias broadcasts.
-            q, k, v = (t.reshape(bw // nw, nw * nh, n, -1) for t in (q, k, v))
-            if self.attn_chunk_size > 0:
-                out = self._sequential_attention(q, k, v, pos_bias, mask, p)
-            else:
-                attn_bias = pos_bias if mask is None else (pos_bias + mask.dense()[:, None]).flatten(0, 1)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(v.dtype), dropout_p=p, scale=1.0)
-            out = out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
-
-    def _sequential_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor, mask: WindowMask | None, p
-    ) -> torch.Tensor:
-        """Attention over chunks of (window, head) pairs, one image at a time; each chunk builds its own bias
-        slice and is recomputed in the backward pass, so no [nW*nH, N, N] tensor ever exists."""
-        step, nh, g = self.attn_chunk_size, self.num_heads, q.shape[1]
-        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, pos_bias))
-        out = []
-        for i in range(q.shape[0]):
-            for s in range(0, g, step):
-                pairs = torch.arange(s, min(s + step, g), device=q.device)
-                args = (q[i : i + 1, s : s + step], k[i : i + 1, s : s + step], v[i : i + 1, s : s + step])
-                args += (pos_bias, mask, pairs, nh, p)
+            # Sequential attention (paper section 3.4): whole windows, about attn_chunk_size (window, head) pairs at a
+            # time, each chunk recomputed in the backward pass; no [nW*nH, N, N] tensor of the full batch exists.
+            step = max(1, self.attn_chunk_size // self.num_heads)
+            recompute = torch.is_grad_enabled() and (qkv.requires_grad or pos_bias.requires_grad)
+            out = []
+            for s in range(0, bw, step):
+                args = (qkv[s : s + step], scale, pos_bias, mask, torch.arange(s, min(s + step, bw)) % nw, p)
                 if recompute:
                     out.append(torch.utils.checkpoint.checkpoint(_chunk_attention, *args, use_reentrant=False))
                 else:
                     out.append(_chunk_attention(*args))
-        return torch.cat(out, dim=1).view(q.shape[0], g, *out[0].shape[2:])
+            out = torch.cat(out)
+        return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
         return (
@@ -231,12 +211,37 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _chunk_attention(q, k, v, pos_bias: torch.Tensor, mask: WindowMask | None, pairs: torch.Tensor, nh: int, p):
-    """Attention of the (window, head) pairs ``pairs`` (flat index window * nH + head) of one image."""
-    bias = pos_bias[pairs % nh]
-    if mask is not None:
-        bias = bias + mask.dense(pairs // nh)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(v.dtype), dropout_p=p, scale=1.0)
+def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor) -> torch.Tensor:
+    """Position bias [nH, N, N] plus the mask of ``windows`` (indices within an image): [len(windows) * nH, N, N]."""
+    nh, n = pos_bias.shape[:2]
+    if mask is None:
+        return pos_bias.expand(len(windows), nh, n, n).reshape(-1, n, n)
+    return (pos_bias + mask.dense(windows.to(pos_bias.device))[:, None]).flatten(0, 1)
+
+
+def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: torch.Tensor, p: float) -> torch.Tensor:
+    return _attention(qkv, scale, _window_bias(pos_bias, mask, windows), p)
+
+
+def _attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
+    """Scaled cosine attention of windows: qkv [B*nW, N, 3C], temperature [nH, 1, 1], bias [nW*nH, N, N]
+    (the same for every image) -> [B*nW, N, C]. On CPU without attention dropout the hand-written
+    :class:`_CosineWindowAttention`; otherwise normalisation plus ``scaled_dot_product_attention`` (fused kernels)."""
+    if qkv.device.type == "cpu" and p == 0.0:
+        return _CosineWindowAttention.apply(qkv, scale, bias)
+    return _sdpa_attention(qkv, scale, bias, p)
+
+
+def _sdpa_attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
+    bw, n, c3 = qkv.shape
+    nh, g = scale.shape[0], bias.shape[0]
+    q, k, v = qkv.view(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B*nW, nH, N, hd]
+    q = (F.normalize(_upcast(q), dim=-1) * scale).to(v.dtype)
+    k = F.normalize(_upcast(k), dim=-1).to(v.dtype)
+    # One image per row, all its (window, head) pairs along dim 1, so the [nW*nH, N, N] bias broadcasts.
+    q, k, v = (t.reshape(bw * nh // g, g, n, -1) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(v.dtype), dropout_p=p, scale=1.0)
+    return out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c3 // 3)
 
 
 class _CosineWindowAttention(torch.autograd.Function):
@@ -433,6 +438,8 @@ class SwinTransformerBlock(nn.Module):
         b, h, w, c = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         shortcut = x
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):  # qkv casts anyway: move half
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         ph, pw = (-h) % wh, (-w) % ww
         if ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
@@ -701,7 +708,8 @@ class SwinTransformerV2(nn.Module):
             layer.use_checkpoint = enable
 
     def set_attn_chunk_size(self, chunk: int) -> None:
-        """Sequential self-attention: 0 computes all windows at once, k > 0 in chunks of k (window, head)s."""
+        """Sequential self-attention: 0 computes all windows at once, k > 0 in chunks of whole windows of about
+        k (window, head) pairs (at least one window)."""
         for m in self.modules():
             if isinstance(m, WindowAttention):
                 m.attn_chunk_size = chunk
