@@ -52,22 +52,29 @@ def step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, clock: str = "wall") -> float:
     """Measured FLOP/s of a square ``n x n`` matmul in ``dtype``: the best of repeated timings."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     a @ b
     best = float("inf")
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        t = time.perf_counter()
+        t = now()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, now() - t)
     return 2 * n**3 / best
 
 
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call for each function, timed in alternating rounds so background load hits all alike."""
+def interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, float]:
+    """Median seconds per call for each function, timed in alternating rounds so background load hits all alike.
+
+    ``clock="cpu"`` measures this process's CPU time instead of wall time: with one thread it is immune to other
+    processes sharing the cores (with several threads it also counts OpenMP spin-waiting)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -75,8 +82,8 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int, war
     names = list(fns)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
+            t = now()
             for _ in range(steps):
                 fns[name]()
-            times[name].append((time.perf_counter() - t) / steps)
+            times[name].append((now() - t) / steps)
     return {k: statistics.median(v) for k, v in times.items()}

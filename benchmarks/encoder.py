@@ -2,6 +2,7 @@
 
     python benchmarks/encoder.py                      # SwinV2-T, 192 px, window 12, batch 8, fp32 and bf16
     python benchmarks/encoder.py --rounds 10 --dtypes bf16 --threads 2
+    python benchmarks/encoder.py --threads 1 --clock cpu   # on a shared machine: immune to other processes
 
 One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step.
 Rounds alternate the order of the two models so background load hits both alike; the table reports the
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1, help="steps per model per round")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time (use 1 thread)")
     ap.add_argument("--foreach-adamw", action="store_true", help="torch's default AdamW instead of fused=True")
     args = ap.parse_args(argv)
     if args.threads:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# {args.model} {args.img_size}px window {args.window} batch {args.batch}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"AdamW {'fused' if fused else 'foreach'}, {args.rounds} rounds x {args.steps} step(s)"
+        f"AdamW {'fused' if fused else 'foreach'}, {args.rounds} rounds x {args.steps} step(s), {args.clock} clock"
     )
     print("| dtype | ours img/s | timm img/s | ours / timm | ours MFU | timm MFU | matmul peak GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             "timm": make_train_step(theirs, x, y, bf16, fused=fused),
         }
         flops = step_flops(steps["timm"])
-        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
-        sec = interleaved(steps, rounds=args.rounds, steps=args.steps)
+        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, clock=args.clock)
+        sec = interleaved(steps, rounds=args.rounds, steps=args.steps, clock=args.clock)
         ips = {k: args.batch / v for k, v in sec.items()}
         mfu = {k: flops / v / peak for k, v in sec.items()}
         print(

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="1024", help="comma-separated image sizes")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--chunk", type=int, default=6, help="about this many (window, head) pairs per sequential-attention chunk")
+    ap.add_argument("--chunk", type=int, default=16, help="(window, head) pairs per attention chunk")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--bf16", action="store_true", help="CPU bf16 autocast")
     ap.add_argument("--limit-gb", type=float, default=20.0, help="address-space cap per worker")

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import simmim  # noqa: F401 - first, so its OpenMP wait policy is set before torch loads (see simmim/__init__.py)
+
 
 def write_images(folder, n: int, size: int = 40, seed: int = 0):
     """``n`` PNGs of ``size`` px: smooth colour gradients with a few solid rectangles (learnable structure)."""

@@ -183,7 +183,7 @@ class WindowAttention(nn.Module):
         pos_bias = self.position_bias()  # [nH, N, N]
         p = self.attn_drop if self.training else 0.0
         if self.attn_chunk_size <= 0:
-            out = _attention(qkv, scale, _window_bias(pos_bias, mask, torch.arange(nw, device=x.device)), p)
+            out = _attention(qkv, scale, _window_bias(pos_bias, mask, None, nw), p)
         else:
             # Sequential attention (paper section 3.4): whole windows, about attn_chunk_size (window, head) pairs at a
             # time, each chunk recomputed in the backward pass; no [nW*nH, N, N] tensor of the full batch exists.
@@ -191,7 +191,7 @@ class WindowAttention(nn.Module):
             recompute = torch.is_grad_enabled() and (qkv.requires_grad or pos_bias.requires_grad)
             out = []
             for s in range(0, bw, step):
-                args = (qkv[s : s + step], scale, pos_bias, mask, torch.arange(s, min(s + step, bw)) % nw, p)
+                args = (qkv[s : s + step], scale, pos_bias, mask, torch.arange(s, min(s + step, bw)) % nw, nw, p)
                 if recompute:
                     out.append(torch.utils.checkpoint.checkpoint(_chunk_attention, *args, use_reentrant=False))
                 else:
@@ -211,16 +211,19 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor) -> torch.Tensor:
-    """Position bias [nH, N, N] plus the mask of ``windows`` (indices within an image): [len(windows) * nH, N, N]."""
+def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor | None, nw: int):
+    """Position bias [nH, N, N] plus the mask of ``windows`` (indices within an image; None: all ``nw``):
+    [windows * nH, N, N]."""
     nh, n = pos_bias.shape[:2]
     if mask is None:
-        return pos_bias.expand(len(windows), nh, n, n).reshape(-1, n, n)
-    return (pos_bias + mask.dense(windows.to(pos_bias.device))[:, None]).flatten(0, 1)
+        return pos_bias.expand(nw if windows is None else len(windows), nh, n, n).reshape(-1, n, n)
+    dense = mask.dense(None if windows is None else windows.to(pos_bias.device))
+    return (pos_bias + dense[:, None]).flatten(0, 1)
 
 
-def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: torch.Tensor, p: float) -> torch.Tensor:
-    return _attention(qkv, scale, _window_bias(pos_bias, mask, windows), p)
+def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: torch.Tensor, nw: int, p: float):
+    """Attention of a slice of whole windows (``windows``: their indices within an image)."""
+    return _attention(qkv, scale, _window_bias(pos_bias, mask, windows, nw), p)
 
 
 def _attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
@@ -297,7 +300,9 @@ class _CosineWindowAttention(torch.autograd.Function):
             torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, hd))
             grad = torch.matmul(grad_out, v.transpose(-2, -1))
             torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)  # d logits, in place
-            grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None  # float accumulation
+            grad_bias = None
+            if ctx.needs_input_grad[2]:  # summed over images (float accumulation); one image: no reduction pass
+                grad_bias = (grad[0] if b == 1 else grad.sum(0)).to(ctx.bias_dtype)
             # x_hat = t * x / max(|x|, eps), t = scale for q and 1 for k: with a = <x_hat, d x_hat>,
             # dx = t / |x| * d x_hat - a / (t |x|) * x_hat (no projection term where the norm was clamped),
             # d scale = sum of a / scale over tokens.
