@@ -13,6 +13,9 @@ from pathlib import Path
 
 from simmim.data import ImageFiles, PretrainDataModule
 
+# shared/ lies beside the checkout (as in CI)
+IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenette2-224"
+
 
 def throughput(root: str | None, img_size: int, batch_size: int, num_workers: int, batches: int) -> float:
     """Steady-state images/s over ``batches`` batches, after one warm-up batch (worker start-up excluded) and with
@@ -34,7 +37,7 @@ def throughput(root: str | None, img_size: int, batch_size: int, num_workers: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="/work/shared/data/imagenette2-224", help="image folder (train/ is used)")
+    parser.add_argument("--root", default=str(IMAGENETTE), help="image folder (train/ is used)")
     parser.add_argument("--img-size", type=int, default=192)
     parser.add_argument("--fashion-img-size", type=int, default=64, help="Fashion-MNIST row (0: skip)")
     parser.add_argument("--batch-size", type=int, default=64)

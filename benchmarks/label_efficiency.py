@@ -124,8 +124,12 @@ def main() -> None:
     out = args.out / args.preset
     print(f"preset {args.preset}: {json.dumps(p)}")
 
-    seconds = {"pretrain": sh(pretrain_cmd(p, out / "pretrain", args.workers), args.dry_run)}
     encoder = out / "pretrain" / "encoder.safetensors"
+    if encoder.is_file() and not args.dry_run:  # a finished pretraining (e.g. of an interrupted benchmark) is reused
+        print(f"reusing {encoder}")
+        seconds = {}
+    else:
+        seconds = {"pretrain": sh(pretrain_cmd(p, out / "pretrain", args.workers), args.dry_run)}
     results = []
     for fraction in args.fractions:
         for init, weights in (("simmim", encoder), ("random", None)):
