@@ -27,3 +27,39 @@ def write_images(folder, n: int, size: int = 40, seed: int = 0):
 def image_folder(tmp_path_factory):
     """24 small RGB PNGs in a flat folder."""
     return write_images(tmp_path_factory.mktemp("images"), 24)
+
+
+def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs):
+    """A real Trainer.fit of SimMIM swinv2_nano at 32 px on ``folder`` (batch 8, lr 0.5 per 512, no logger);
+    returns the module and the per-step training losses."""
+    import pytorch_lightning as pl
+
+    from simmim.data import PretrainDataModule
+    from simmim.pretrain import SimMIMPretrainModule
+
+    pl.seed_everything(0)
+    dm = PretrainDataModule(folder, "folder", img_size=32, mask_patch_size=8, batch_size=8, num_workers=0)
+    module = SimMIMPretrainModule(
+        "swinv2_nano",
+        {"img_size": 32, "window_size": 4, "drop_path_rate": 0.0},
+        optim={"lr": 0.5, "warmup_lr": 0.0, "min_lr": 0.0},
+        schedule={"milestones": [], **schedule},
+    )
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[Record(), *callbacks],
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, losses

@@ -2,14 +2,13 @@ import contextlib
 import logging
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import fit_tiny_pretraining
 
 from simmim.config import RecipeError, load_recipe
-from simmim.data import PretrainDataModule
 from simmim.memory import MemoryPlanner, available_memory, block_geometry, plan_memory
 from simmim.models.swinv2 import SwinTransformerBlock
-from simmim.pretrain import SimMIMPretrainModule, check_geometry, model_config
+from simmim.pretrain import check_geometry, model_config
 
 BASE = model_config("swinv2_base", img_size=192, window_size=12)
 BASE_PARAMS = 87_000_000
@@ -97,34 +96,10 @@ def test_available_memory_on_cpu():
 
 
 def _fit(image_folder, callbacks):
-    pl.seed_everything(0)
-    dm = PretrainDataModule(image_folder, "folder", img_size=32, mask_patch_size=8, batch_size=8, num_workers=0)
-    module = SimMIMPretrainModule(
-        "swinv2_nano",
-        {"img_size": 32, "window_size": 4, "drop_path_rate": 0.0},
-        optim={"lr": 0.5, "warmup_lr": 0.0, "min_lr": 0.0},
-        schedule={"name": "constant", "epochs": 1, "warmup_epochs": 0, "milestones": []},
+    schedule = {"name": "constant", "epochs": 1, "warmup_epochs": 0}
+    return fit_tiny_pretraining(
+        image_folder, schedule, callbacks, max_epochs=1, limit_train_batches=2, precision="32-true"
     )
-    losses = []
-
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(outputs["loss"].item())
-
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        accelerator="cpu",
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[Record(), *callbacks],
-    )
-    trainer.fit(module, datamodule=dm)
-    return module, losses
 
 
 def test_planner_applies_and_explains_its_choice_in_a_real_fit(image_folder, caplog):

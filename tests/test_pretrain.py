@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import fit_tiny_pretraining
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
 from simmim.checkpoint import load_encoder
 from simmim.config import load_recipe
-from simmim.data import PretrainDataModule
 from simmim.models import create_model
-from simmim.pretrain import SimMIMPretrainModule, run
+from simmim.pretrain import run
 
 STEPS = 14  # 24 images, batch 4: 6 steps per epoch, so runs cross two epoch boundaries
 
@@ -71,33 +71,10 @@ def reference(image_folder, tmp_path_factory):
 
 
 def test_lightning_module_fit_lowers_loss(image_folder, tmp_path):
-    pl.seed_everything(0)
-    dm = PretrainDataModule(image_folder, "folder", img_size=32, mask_patch_size=8, batch_size=8, num_workers=0)
-    module = SimMIMPretrainModule(
-        "swinv2_nano",
-        {"img_size": 32, "window_size": 4, "drop_path_rate": 0.0},
-        optim={"lr": 0.5, "warmup_lr": 0.0, "min_lr": 0.0},
-        schedule={"name": "cosine", "epochs": 10, "warmup_epochs": 1, "milestones": []},
+    schedule = {"name": "cosine", "epochs": 10, "warmup_epochs": 1}
+    module, seen = fit_tiny_pretraining(
+        image_folder, schedule, max_epochs=10, precision="bf16-mixed", gradient_clip_val=5.0
     )
-    seen = []
-
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(outputs["loss"].item())
-
-    trainer = pl.Trainer(
-        max_epochs=10,
-        accelerator="cpu",
-        precision="bf16-mixed",
-        gradient_clip_val=5.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[Record()],
-    )
-    trainer.fit(module, datamodule=dm)
     assert len(seen) == 30
     assert sum(seen[-5:]) / 5 < 0.8 * sum(seen[:5]) / 5, seen
     # lr scaled by total batch / 512 and warmed up from 0 over one epoch (3 steps)
