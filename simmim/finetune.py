@@ -30,7 +30,7 @@ from simmim.config import RecipeError, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
 from simmim.models.swinv2 import SwinTransformerV2, create_model
-from simmim.optim import LRSchedule, build_optimizer, build_scheduler, scale_lr
+from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
 
 __all__ = ["FinetuneModule", "run", "main"]
 
@@ -178,11 +178,14 @@ class FinetuneModule(pl.LightningModule):
         elif hp.optimizer == "sgd":
             raise ValueError("fine-tuning uses AdamW (optim.name=adamw); sgd is for mode=linear_probe")
         else:
-            opt = build_optimizer(self.model, lr, hp.weight_decay, hp.layer_decay)
+            opt = build_optimizer(self.model, lr, hp.weight_decay, hp.layer_decay, fused=fused_adamw_ok(self.trainer))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
         schedule = LRSchedule(total, int(hp.warmup_epochs * steps_per_epoch), warmup_lr, min_lr, "cosine")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": build_scheduler(opt, schedule), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 # ---- command line ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -119,12 +120,43 @@ def build_optimizer(
     eps: float = 1e-8,
     official_wd_exemption_bug: bool = False,
     ndims: Mapping[str, int] | None = None,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; each group's lr is ``lr * lr_scale`` (its peak for the schedule)."""
+    """AdamW over :func:`param_groups`; each group's lr is ``lr * lr_scale`` (its peak for the schedule).
+    ``fused``: one kernel over all parameters (see :func:`fused_adamw_ok`)."""
     groups = param_groups(model, weight_decay, layer_decay, official_wd_exemption_bug, ndims)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def fused_adamw_ok(trainer: pl.Trainer) -> bool:
+    """Whether a run can use fused AdamW (SwinV2-T: 20 ms a step instead of 97 ms for foreach, 1 CPU thread): the
+    parameters are plain tensors on CPU or CUDA (single device or DDP, not FSDP/DeepSpeed, which own the
+    optimizer step) and no fp16 GradScaler unscales inside the fused step (the gradients could not be clipped).
+    Clipping then goes through :func:`clip_gradients`."""
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    return (
+        type(strategy) in (SingleDeviceStrategy, DDPStrategy)
+        and getattr(strategy.precision_plugin, "scaler", None) is None
+        and strategy.root_device.type in ("cpu", "cuda")
+    )
+
+
+def clip_gradients(
+    module: pl.LightningModule, optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm: str | None
+) -> None:
+    """``configure_gradient_clipping`` for our modules. Lightning refuses to clip for fused optimizers under any
+    mixed-precision plugin (for fear of fp16 loss scaling); with no GradScaler (bf16, fp32; ensured by
+    :func:`fused_adamw_ok`) the gradients are true gradients, so clip them by norm as Lightning would."""
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    if not fused or not clip_val or (algorithm or "norm") != "norm":
+        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, clip_val)
 
 
 def scale_lr(lr_per_512: float, total_batch: int) -> float:

@@ -36,7 +36,7 @@ from simmim.distributed import gather_rng_states, rescale_position, seed_rank, s
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import MODEL_CONFIGS
-from simmim.optim import LRSchedule, build_optimizer, build_scheduler, scale_lr
+from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
 
 __all__ = ["SimMIMPretrainModule", "model_config", "check_geometry", "run", "main"]
 
@@ -186,6 +186,7 @@ class SimMIMPretrainModule(pl.LightningModule):
             eps=o["eps"],
             official_wd_exemption_bug=o["official_wd_exemption_bug"],
             ndims=self._param_ndims,
+            fused=fused_adamw_ok(self.trainer),
         )
         if o.get("zero"):
             optimizer = shard_optimizer(optimizer, self.trainer)
@@ -201,6 +202,9 @@ class SimMIMPretrainModule(pl.LightningModule):
         )
         scheduler = build_scheduler(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- exact resume --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

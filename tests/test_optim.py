@@ -1,11 +1,20 @@
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import create_model
-from simmim.optim import LRSchedule, build_optimizer, build_scheduler, param_groups, scale_lr
+from simmim.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    fused_adamw_ok,
+    param_groups,
+    scale_lr,
+)
 
 
 def _decay_of(groups):
@@ -124,3 +133,47 @@ def test_scheduler_per_group_peaks_and_unscaled_floors():
 def test_linear_scaling_rule():
     assert scale_lr(1e-4, 2048) == pytest.approx(4e-4)
     assert scale_lr(5e-7, 128 * 2 * 4) == pytest.approx(5e-7 * 2)
+
+
+class _Clipped(pl.LightningModule):
+    """A linear model whose loss gives gradients far above the clip value; records the gradient norm each update uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 4)
+        self.seen: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        return 1e3 * self.lin(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return build_optimizer(self.lin, lr=1e-3, fused=fused_adamw_ok(self.trainer))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_batch_end(self, *_):  # the gradients the step used stay until the next step's zero_grad
+        self.seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters()])).item())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_is_used_and_its_gradients_are_clipped(precision, tmp_path):
+    # Lightning alone raises for a fused optimizer with gradient_clip_val under bf16-mixed; ours clips by norm.
+    data = torch.utils.data.TensorDataset(torch.randn(12, 16) * 10)
+    module = _Clipped()
+    trainer = pl.Trainer(
+        max_steps=3, precision=precision, gradient_clip_val=0.5, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.optimizers[0].param_groups[0]["fused"] is True
+    assert len(module.seen) == 3 and all(n == pytest.approx(0.5, rel=1e-4) for n in module.seen)
+
+
+def test_fused_adamw_is_off_under_an_fp16_grad_scaler(tmp_path):
+    from pytorch_lightning.plugins import MixedPrecision
+
+    kw = dict(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    scaler = torch.amp.GradScaler("cpu")  # Lightning adds one for 16-mixed on CUDA
+    assert not fused_adamw_ok(pl.Trainer(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], **kw))
+    assert fused_adamw_ok(pl.Trainer(precision="bf16-mixed", **kw))
