@@ -12,6 +12,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
 from simmim.checkpoint import atomic_torch_save
+from simmim.distributed import sharding_strategy
 
 __all__ = ["AtomicCheckpointIO", "latest_checkpoint", "NonFiniteError", "NonFiniteGuard"]
 
@@ -81,6 +82,8 @@ class NonFiniteGuard(pl.Callback):
     ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.zeros(())
+        if sharding_strategy(trainer.strategy) is not None:  # each process holds a shard of the gradients
+            norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         bad_loss, self._bad_loss = self._bad_loss, None
         finite = bool(torch.isfinite(norm))
         if finite and bad_loss is None:

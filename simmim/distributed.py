@@ -16,6 +16,7 @@ position between runs with different numbers of processes.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -25,11 +26,20 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from simmim.config import RecipeError
 from simmim.data.sampler import EpochSampler
 
-__all__ = ["shard_optimizer", "shard_train_sampler", "gather_rng_states", "seed_rank", "rescale_position"]
+__all__ = [
+    "build_strategy",
+    "full_state_dict",
+    "gather_rng_states",
+    "rescale_position",
+    "seed_rank",
+    "shard_optimizer",
+    "shard_train_sampler",
+    "sharding_strategy",
+]
 
 
-def _sharding_strategy(strategy: pl.strategies.Strategy) -> str | None:
-    """The name of a strategy that shards optimizer state itself (FSDP, DeepSpeed), else None."""
+def sharding_strategy(strategy: pl.strategies.Strategy) -> str | None:
+    """The name of a strategy that shards parameters or optimizer state itself (FSDP, DeepSpeed), else None."""
     from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     for cls in (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy):
@@ -45,7 +55,7 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, trainer: pl.Trainer) -> to
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     strategy = trainer.strategy
-    owner = _sharding_strategy(strategy)
+    owner = sharding_strategy(strategy)
     if owner is not None:
         raise RecipeError(
             f"optim.zero=true shards AdamW across DDP processes, but trainer.strategy is {owner}, which shards "
@@ -61,6 +71,27 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, trainer: pl.Trainer) -> to
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     groups = [dict(g) for g in optimizer.param_groups]
     return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **defaults)
+
+
+def build_strategy(name: Any) -> Any:
+    """``trainer.strategy`` of a recipe: ``fsdp`` becomes an FSDPStrategy that shards each SwinV2 block (and patch
+    merging) as its own unit, so a block's parameters are gathered only while it runs; other values go to Lightning
+    as they are (``ddp``, ``deepspeed_stage_2``, ...)."""
+    if name != "fsdp":
+        return name
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
+
+    return FSDPStrategy(auto_wrap_policy={SwinTransformerBlock, PatchMerging}, state_dict_type="full")
+
+
+def full_state_dict(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The module's whole state dict, on rank 0 at least. Sharded strategies gather it, so every process must
+    call this; other strategies hold the whole module on every process."""
+    if sharding_strategy(trainer.strategy) is None:
+        return module.state_dict()
+    return trainer.strategy.lightning_module_state_dict()
 
 
 def shard_train_sampler(trainer: pl.Trainer) -> None:

@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule
+from simmim.distributed import build_strategy
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
 from simmim.models.swinv2 import SwinTransformerV2, create_model
 from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
@@ -263,6 +264,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     if "max_epochs" in trainer_kw:
         raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
+    trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None

@@ -148,15 +148,21 @@ def fused_adamw_ok(trainer: pl.Trainer) -> bool:
 def clip_gradients(
     module: pl.LightningModule, optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm: str | None
 ) -> None:
-    """``configure_gradient_clipping`` for our modules. Lightning refuses to clip for fused optimizers under any
-    mixed-precision plugin (for fear of fp16 loss scaling); with no GradScaler (bf16, fp32; ensured by
-    :func:`fused_adamw_ok`) the gradients are true gradients, so clip them by norm as Lightning would."""
-    fused = any(g.get("fused") for g in optimizer.param_groups)
-    if not fused or not clip_val or (algorithm or "norm") != "norm":
+    """``configure_gradient_clipping`` for our modules, clipping by norm where Lightning's own hook refuses to:
+    for fused optimizers under a mixed-precision plugin (Lightning fears fp16 loss scaling; with no GradScaler, as
+    :func:`fused_adamw_ok` ensures, the gradients are true gradients) and under FSDP (the norm of sharded gradients
+    needs the root module's ``clip_grad_norm_``, which reduces it over the processes)."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    if not clip_val or (algorithm or "norm") != "norm":
         module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
-        return
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, clip_val)
+    elif isinstance(module.trainer.strategy, FSDPStrategy):
+        module.trainer.strategy.model.clip_grad_norm_(clip_val)
+    elif any(g.get("fused") for g in optimizer.param_groups):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
 
 
 def scale_lr(lr_per_512: float, total_batch: int) -> float:

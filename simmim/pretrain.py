@@ -27,12 +27,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
 from simmim.checkpoint import save_encoder
 from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
 from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from simmim.distributed import gather_rng_states, rescale_position, seed_rank, shard_optimizer, shard_train_sampler
+from simmim.distributed import (
+    build_strategy,
+    full_state_dict,
+    gather_rng_states,
+    rescale_position,
+    seed_rank,
+    shard_optimizer,
+    shard_train_sampler,
+    sharding_strategy,
+)
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import MODEL_CONFIGS
@@ -357,6 +367,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
     targs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if "max_epochs" in targs:
         raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
+    targs["strategy"] = build_strategy(targs.get("strategy", "auto"))
     every = int(cfg.checkpoint.every_n_steps)
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -373,34 +384,53 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
         TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
         CSVLogger(logs, name=version, version="csv"),  # logs/version_N/csv/metrics.csv
     ]
-    return pl.Trainer(
-        max_epochs=int(math.ceil(cfg.schedule.epochs)),
-        default_root_dir=run_dir,
-        logger=loggers,
-        callbacks=[ckpt, NonFiniteGuard(cfg.nan_policy), *callbacks],
-        plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
-        **targs,
-    )
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(
+            max_epochs=int(math.ceil(cfg.schedule.epochs)),
+            default_root_dir=run_dir,
+            logger=loggers,
+            callbacks=[ckpt, NonFiniteGuard(cfg.nan_policy), *callbacks],
+            plugins=[AtomicCheckpointIO()],
+            use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
+            **targs,
+        )
+    except (ValueError, TypeError, MisconfigurationException) as e:  # e.g. fsdp without a GPU, a misspelt key
+        raise RecipeError(f"trainer: {e}") from e
 
 
 # ---- outputs --------------------------------------------------------------------------------------------------
-def export_encoder(module: SimMIMPretrainModule, path: str | Path) -> Path:
+def export_encoder(model: SimMIM, config: dict[str, Any], path: str | Path) -> Path:
     """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, config in metadata."""
-    sd = {k: v for k, v in module.model.encoder.state_dict().items() if k != "mask_token"}
-    return save_encoder(sd, path, module.hparams.model_config)
+    sd = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
+    return save_encoder(sd, path, config)
 
 
-def save_reconstructions(module: SimMIMPretrainModule, datamodule: Any, path: str | Path, n: int = 8) -> Path:
+def save_reconstructions(model: SimMIM, datamodule: Any, path: str | Path, n: int = 8, title: str = "") -> Path:
     """A grid original / masked / prediction / pasted for ``n`` images (:mod:`simmim.visualize`)."""
     from simmim.visualize import sample_images, save_reconstruction_grid
 
     images, masks = sample_images(datamodule, n)
     hp = getattr(datamodule, "hparams", {})
     mean, std = hp.get("mean", IMAGENET_MEAN), hp.get("std", IMAGENET_STD)
-    title = f"{module.hparams.model_config['model']} step {module.global_step}"
-    save_reconstruction_grid(module.model, images, masks, path, mean=mean, std=std, title=title)
+    save_reconstruction_grid(model, images, masks, path, mean=mean, std=std, title=title)
     return Path(path)
+
+
+def trained_model(trainer: pl.Trainer, module: SimMIMPretrainModule) -> SimMIM | None:
+    """The trained SimMIM whole on rank 0 (None elsewhere): the module's own under single-process and DDP runs, a
+    plain copy of the gathered weights under FSDP / DeepSpeed. Call on every process (gathering is collective)."""
+    if sharding_strategy(trainer.strategy) is None:
+        return module.model if trainer.is_global_zero else None
+    state = full_state_dict(trainer, module)
+    if not trainer.is_global_zero:
+        return None
+    hp = module.hparams
+    nt = dict(norm_target=hp.norm_target, norm_target_patch_size=hp.norm_target_patch_size)
+    model = build_simmim(hp.model_config["model"], **nt, **hp.model_kwargs)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
 
 
 def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callback:
@@ -457,9 +487,15 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup (simmim.memory)
         callbacks = [*callbacks, MemoryPlanner()]
     callbacks = list(callbacks)
-    if cfg.visualize_every_n_steps > 0:
+    # Sharded strategies hold no process's model whole: the in-training probes (which run the model on its own)
+    # are left out; the final encoder and reconstructions are made from the gathered weights (trained_model).
+    sharded = str(cfg.trainer.strategy).startswith(("fsdp", "deepspeed"))
+    for key, on in (("visualize_every_n_steps", cfg.visualize_every_n_steps > 0), ("knn.root", bool(cfg.knn.root))):
+        if on and sharded:
+            rank_zero_warn(f"{key} is ignored under trainer.strategy={cfg.trainer.strategy} (sharded weights)")
+    if cfg.visualize_every_n_steps > 0 and not sharded:
         callbacks.append(_grid_callback(cfg, datamodule, run_dir))
-    if cfg.knn.root:
+    if cfg.knn.root and not sharded:
         callbacks.append(_knn_callback(cfg))
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
@@ -481,11 +517,13 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     }
     trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     out["checkpoint"] = ckpt_dir / "last.ckpt"
-    if trainer.is_global_zero:
-        out["encoder"] = export_encoder(module, run_dir / "encoder.safetensors")
+    model = trained_model(trainer, module)
+    if model is not None:
+        out["encoder"] = export_encoder(model, module.hparams.model_config, run_dir / "encoder.safetensors")
         if cfg.reconstructions > 0:
+            title = f"{module.hparams.model_config['model']} step {module.global_step}"
             out["reconstructions"] = save_reconstructions(
-                module, datamodule, run_dir / "reconstructions.png", cfg.reconstructions
+                model, datamodule, run_dir / "reconstructions.png", cfg.reconstructions, title
             )
     return out
 

@@ -15,8 +15,8 @@ import pytorch_lightning as pl
 import torch
 from conftest import write_images
 
-from simmim.config import load_recipe
-from simmim.distributed import rescale_position, seed_rank
+from simmim.config import RecipeError, load_recipe
+from simmim.distributed import build_strategy, rescale_position, seed_rank
 from simmim.pretrain import run
 
 
@@ -116,6 +116,15 @@ def test_two_processes_zero_and_resume_across_process_counts(tmp_path):
     for key, value in ref["state_dict"].items():
         torch.testing.assert_close(zero["state_dict"][key], value, atol=1e-5, rtol=1e-4)
 
+    # The 2-process run's exported encoder holds its final weights (written once, from rank 0).
+    from safetensors.torch import load_file
+
+    final_b = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    exported = load_file(b / "encoder.safetensors")
+    assert exported and "mask_token" not in exported
+    for key, value in exported.items():
+        assert torch.equal(value, final_b[f"model.encoder.{key}"]), key
+
     final_a = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
     final_d = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
     assert final_d["global_step"] == final_a["global_step"] == 6
@@ -164,3 +173,18 @@ def test_seed_rank_gives_each_rank_its_own_stream():
     expected = torch.rand(3)  # continues the stream of the generator seeded with 4, i.e. row 1
     assert torch.equal(draw(1, 2, saved), expected)
     assert torch.equal(draw(1, 3, saved[:1]), draw(1, 3))  # a rank the checkpoint did not have: seed + rank
+
+
+def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
+
+    strategy = build_strategy("fsdp")
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {SwinTransformerBlock, PatchMerging}
+    assert build_strategy("ddp") == "ddp"
+    images = write_images(tmp_path / "images", 8)
+    args = _args(images, tmp_path / "run", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
+    with pytest.raises(RecipeError, match="trainer: The strategy `fsdp` requires a GPU"):
+        run(load_recipe("pretrain", args))
