@@ -30,7 +30,7 @@ from simmim.config import RecipeError, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule
 from simmim.distributed import build_strategy
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
-from simmim.models.swinv2 import SwinTransformerV2, create_model
+from simmim.models.swinv2 import SwinTransformerV2, compile_model, create_model
 from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
 
 __all__ = ["FinetuneModule", "run", "main"]
@@ -286,6 +286,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         m.mixup_alpha, m.cutmix_alpha, m.switch_prob, m.prob, m.label_smoothing, dm.class_names,
         cfg.seed,
     )  # fmt: skip
+    if cfg.compile:
+        try:
+            compile_model(module.model, cfg.compile_mode)
+        except ValueError as e:
+            raise RecipeError(str(e)) from e
     load = None
     if weights is not None:
         load = load_pretrained(module.model, weights)

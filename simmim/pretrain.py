@@ -45,7 +45,7 @@ from simmim.distributed import (
 )
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
-from simmim.models.swinv2 import MODEL_CONFIGS
+from simmim.models.swinv2 import MODEL_CONFIGS, compile_model
 from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
 
 __all__ = ["SimMIMPretrainModule", "model_config", "check_geometry", "run", "main"]
@@ -481,6 +481,8 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:  # bad paths, empty folders, impossible model sizes: one clear line from the CLI, not a traceback
         module = build_module(cfg)
+        if cfg.compile:
+            compile_model(module.model, cfg.compile_mode)
         datamodule = build_datamodule(cfg, module.model.patch_size)
     except (ValueError, OSError) as e:
         raise RecipeError(str(e)) from e
@@ -506,6 +508,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         with warnings.catch_warnings():
             # mid-epoch resumes are exact here: the sampler skips the batches already seen (on_load_checkpoint)
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # no val set
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     finally:
         os.environ.pop("SIMMIM_RUN_DIR", None)

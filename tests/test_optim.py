@@ -136,7 +136,7 @@ def test_linear_scaling_rule():
 
 
 class _Clipped(pl.LightningModule):
-    """A linear model whose loss gives gradients far above the clip value; records the gradient norm each update uses."""
+    """A linear model whose loss gives gradients far above the clip value; records the norm each update used."""
 
     def __init__(self) -> None:
         super().__init__()

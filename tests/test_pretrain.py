@@ -188,6 +188,7 @@ def test_cli_outputs(image_folder, tmp_path):
     [
         (["data.batchsize=3"], "unknown key 'data.batchsize'"),
         (["data.mask_patch_size=12"], "model.img_size=32 is not divisible by data.mask_patch_size=12"),
+        (["compile=true", "compile_mode=fast"], "compile_mode='fast' is not a torch.compile mode"),
     ],
 )
 def test_cli_errors_are_one_line(args, text):
@@ -218,3 +219,19 @@ def test_sigkill_mid_epoch_then_resume_auto(reference, image_folder, tmp_path):
     assert 3 <= start < STEPS and max(resumed) == STEPS - 1
     for step, loss in resumed.items():
         assert loss == pytest.approx(ref_losses[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(image_folder, tmp_path):
+    """compile=true (inductor, ~1 min to compile here) trains like the eager model: same losses, same
+    checkpoint keys (nn.Module.compile adds no prefix), and the encoder exports."""
+    steps = ("trainer.max_steps=4", "model.drop_path_rate=0.0")
+    eager = run(load_recipe("pretrain", _args(image_folder, tmp_path / "eager", *steps)))
+    compiled = run(load_recipe("pretrain", _args(image_folder, tmp_path / "compiled", *steps, "compile=true")))
+    ref, got = _losses(eager["run_dir"]), _losses(compiled["run_dir"])
+    assert sorted(got) == sorted(ref) == [0, 1, 2, 3]
+    for step, loss in ref.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), step
+    keys = lambda out: set(torch.load(out["checkpoint"], weights_only=True)["state_dict"])  # noqa: E731
+    assert keys(compiled) == keys(eager)
+    assert compiled["encoder"].is_file()

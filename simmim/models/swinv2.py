@@ -37,6 +37,7 @@ __all__ = [
     "PatchEmbed",
     "WindowMask",
     "MODEL_CONFIGS",
+    "compile_model",
     "create_model",
 ]
 
@@ -154,16 +155,21 @@ class WindowAttention(nn.Module):
         """16 * sigmoid(cpb_mlp(table)) gathered to [nH, N, N]; cached while the weights stay unchanged."""
         params = tuple(self.cpb_mlp.parameters())
         cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+        if torch.compiler.is_compiling():  # a compiled graph computes it once per call anyway, data_ptr untraceable
+            return self._position_bias()
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         key += (self.relative_coords_table.data_ptr(), self.relative_coords_table.dtype)
         if cacheable and self._bias_cache is not None and self._bias_cache[0] == key:
             return self._bias_cache[1]
+        bias = self._position_bias()
+        self._bias_cache = (key, bias.detach()) if cacheable else None
+        return bias
+
+    def _position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         with torch.autocast(self.relative_coords_table.device.type, enabled=False):  # bias values up to 16: fp32
             table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-            bias = 16 * torch.sigmoid(table)[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
-        self._bias_cache = (key, bias.detach()) if cacheable else None
-        return bias
+            return 16 * torch.sigmoid(table)[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
     def forward(
         self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None, num_windows: int | None = None
@@ -229,8 +235,9 @@ def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: tor
 def _attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
     """Scaled cosine attention of windows: qkv [B*nW, N, 3C], temperature [nH, 1, 1], bias [nW*nH, N, N]
     (the same for every image) -> [B*nW, N, C]. On CPU without attention dropout the hand-written
-    :class:`_CosineWindowAttention`; otherwise normalisation plus ``scaled_dot_product_attention`` (fused kernels)."""
-    if qkv.device.type == "cpu" and p == 0.0:
+    :class:`_CosineWindowAttention`; otherwise (and under ``torch.compile``) normalisation plus
+    ``scaled_dot_product_attention`` (fused kernels)."""
+    if qkv.device.type == "cpu" and p == 0.0 and not torch.compiler.is_compiling():  # compiled: fused by inductor
         return _CosineWindowAttention.apply(qkv, scale, bias)
     return _sdpa_attention(qkv, scale, bias, p)
 
@@ -792,3 +799,13 @@ def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
     return SwinTransformerV2(**{**MODEL_CONFIGS[name], **overrides})
+
+
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+    """``torch.compile`` in place (``nn.Module.compile``: state-dict keys stay unprefixed, so checkpoints do not
+    change). Compiled, the CPU attention takes the decomposable path that inductor fuses."""
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if mode not in modes:
+        raise ValueError(f"compile_mode={mode!r} is not a torch.compile mode; use one of {', '.join(modes)}")
+    model.compile(mode=None if mode == "default" else mode)
+    return model
