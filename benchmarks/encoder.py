@@ -3,6 +3,7 @@
     python benchmarks/encoder.py                      # SwinV2-T, 192 px, window 12, batch 8, fp32 and bf16
     python benchmarks/encoder.py --rounds 10 --dtypes bf16 --threads 2
     python benchmarks/encoder.py --threads 1 --clock cpu   # on a shared machine: immune to other processes
+    python benchmarks/encoder.py --compile                 # both models torch.compile'd (minutes to compile)
 
 One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step.
 Rounds alternate the order of the two models so background load hits both alike; the table reports the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time (use 1 thread)")
     ap.add_argument("--foreach-adamw", action="store_true", help="torch's default AdamW instead of fused=True")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (compile time reported apart)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,32 +46,45 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     y = torch.randint(0, 1000, (args.batch,))
     fused = not args.foreach_adamw
+    dtypes = args.dtypes.split(",")
+    for name in dtypes:
+        if name not in ("fp32", "bf16"):
+            raise SystemExit(f"--dtypes: unknown dtype {name!r}; use fp32 and/or bf16")
+    # FLOPs of the eager timm step, counted before any compilation
+    flops = {name: step_flops(make_train_step(theirs, x, y, name == "bf16", fused=fused)) for name in dtypes}
+    if args.compile:
+        ours.compile()
+        theirs.compile()
     print(
         f"# {args.model} {args.img_size}px window {args.window} batch {args.batch}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"AdamW {'fused' if fused else 'foreach'}, {args.rounds} rounds x {args.steps} step(s), {args.clock} clock"
+        + (", both models torch.compile'd" if args.compile else "")
     )
     print("| dtype | ours img/s | timm img/s | ours / timm | ours MFU | timm MFU | matmul peak GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.dtypes.split(","):
-        if name not in ("fp32", "bf16"):
-            raise SystemExit(f"--dtypes: unknown dtype {name!r}; use fp32 and/or bf16")
+    for name in dtypes:
         bf16 = name == "bf16"
         steps = {
             "ours": make_train_step(ours, x, y, bf16, fused=fused),
             "timm": make_train_step(theirs, x, y, bf16, fused=fused),
         }
-        flops = step_flops(steps["timm"])
+        if args.compile:  # the first steps compile (and recompile under autocast): timed apart, not in the table
+            for key, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                fn()
+                print(f"# {key} {name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, clock=args.clock)
         sec = interleaved(steps, rounds=args.rounds, steps=args.steps, clock=args.clock)
         ips = {k: args.batch / v for k, v in sec.items()}
-        mfu = {k: flops / v / peak for k, v in sec.items()}
+        mfu = {k: flops[name] / v / peak for k, v in sec.items()}
         print(
             f"| {name} | {ips['ours']:.2f} | {ips['timm']:.2f} | {sec['timm'] / sec['ours']:.2f}x | "
             f"{mfu['ours']:.0%} | {mfu['timm']:.0%} | {peak / 1e9:.0f} |",
             flush=True,
         )
-    print(f"# model FLOPs per step (fwd+bwd matrix products): {flops / 1e9:.1f} GFLOP")
+    print(f"# model FLOPs per step (fwd+bwd matrix products): {flops[dtypes[0]] / 1e9:.1f} GFLOP")
 
 
 if __name__ == "__main__":

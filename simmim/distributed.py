@@ -29,6 +29,7 @@ from simmim.data.sampler import EpochSampler
 __all__ = [
     "build_strategy",
     "full_state_dict",
+    "make_trainer",
     "gather_rng_states",
     "rescale_position",
     "seed_rank",
@@ -84,6 +85,18 @@ def build_strategy(name: Any) -> Any:
     from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
 
     return FSDPStrategy(auto_wrap_policy={SwinTransformerBlock, PatchMerging}, state_dict_type="full")
+
+
+def make_trainer(**kwargs: Any) -> pl.Trainer:
+    """``pl.Trainer(**kwargs)`` with the recipe's strategy name resolved (:func:`build_strategy`) and Lightning's
+    refusals (fsdp without a GPU, a misspelt argument, ...) turned into one-line :class:`RecipeError`s."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    kwargs["strategy"] = build_strategy(kwargs.get("strategy", "auto"))
+    try:
+        return pl.Trainer(**kwargs)
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise RecipeError(f"trainer: {e}") from e
 
 
 def full_state_dict(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule
-from simmim.distributed import build_strategy
+from simmim.distributed import make_trainer
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
 from simmim.models.swinv2 import SwinTransformerV2, compile_model, create_model
 from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
@@ -264,7 +264,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     if "max_epochs" in trainer_kw:
         raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
-    trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
@@ -307,7 +306,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     logs = run_dir / "logs"
     version = f"version_{sum(1 for p in logs.glob('version_*'))}"  # one folder per launch
-    trainer = pl.Trainer(
+    trainer = make_trainer(
         max_epochs=int(math.ceil(cfg.schedule.epochs)),
         default_root_dir=run_dir,
         logger=[

@@ -34,9 +34,9 @@ from simmim.checkpoint import save_encoder
 from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
 from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from simmim.distributed import (
-    build_strategy,
     full_state_dict,
     gather_rng_states,
+    make_trainer,
     rescale_position,
     seed_rank,
     shard_optimizer,
@@ -367,7 +367,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
     targs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if "max_epochs" in targs:
         raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
-    targs["strategy"] = build_strategy(targs.get("strategy", "auto"))
     every = int(cfg.checkpoint.every_n_steps)
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -384,20 +383,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
         TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
         CSVLogger(logs, name=version, version="csv"),  # logs/version_N/csv/metrics.csv
     ]
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
-    try:
-        return pl.Trainer(
-            max_epochs=int(math.ceil(cfg.schedule.epochs)),
-            default_root_dir=run_dir,
-            logger=loggers,
-            callbacks=[ckpt, NonFiniteGuard(cfg.nan_policy), *callbacks],
-            plugins=[AtomicCheckpointIO()],
-            use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
-            **targs,
-        )
-    except (ValueError, TypeError, MisconfigurationException) as e:  # e.g. fsdp without a GPU, a misspelt key
-        raise RecipeError(f"trainer: {e}") from e
+    return make_trainer(
+        max_epochs=int(math.ceil(cfg.schedule.epochs)),
+        default_root_dir=run_dir,
+        logger=loggers,
+        callbacks=[ckpt, NonFiniteGuard(cfg.nan_policy), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
+        **targs,
+    )
 
 
 # ---- outputs --------------------------------------------------------------------------------------------------
