@@ -43,6 +43,7 @@ __all__ = [
 
 LOG_MAX_SCALE = math.log(100.0)  # logit_scale is clamped at log(1/0.01): temperature at most 100
 MASK_VALUE = -100.0  # the official shifted-window mask value (not -inf)
+_SOFTMAX_CHUNK_BYTES = 4 << 20  # CPU attention: float32 logits handled a few images at a time (fits the L3 cache)
 PAD_MASK_VALUE = -1e4  # padded keys: far below any cosine logit (|logit| <= 100 + 16)
 
 
@@ -262,7 +263,7 @@ class _CosineWindowAttention(torch.autograd.Function):
     autograd graph of the plain formulation makes many passes over the (windows, heads, N, N) tensors, several
     of them strided. Here q, k, v are copied once to contiguous head-major layout and normalised in place (the
     temperature folded into q, the factors computed in float32), logits come from one matmul per image, and
-    bias add and softmax run in float32 on one image's logits at a time (cache-sized), so bfloat16 only rounds
+    bias add and softmax run in float32 on a few images' logits at a time (cache-sized), so bfloat16 only rounds
     the matmul inputs and the probabilities. Saved for backward: normalised q, k, v, the norms, the probabilities.
     """
 
@@ -280,16 +281,24 @@ class _CosineWindowAttention(torch.autograd.Function):
             heads[1].mul_(norms[1].reciprocal().to(heads.dtype))
             q, k, v = (t.view(b, g, n, -1) for t in heads)
             attn = torch.empty(b, g, n, n, dtype=qkv.dtype, device=qkv.device)
-            scratch = None if bias.dtype == qkv.dtype else torch.empty_like(bias)
-            for i in range(b):
-                if scratch is None:
-                    torch.baddbmm(bias, q[i], k[i].transpose(-2, -1), out=attn[i])
-                    torch.softmax(attn[i], -1, out=attn[i])
-                else:  # low precision: bias and softmax in float32, on one image at a time (stays in cache)
-                    torch.bmm(q[i], k[i].transpose(-2, -1), out=attn[i])
-                    torch.add(attn[i], bias, out=scratch)
-                    torch.softmax(scratch, -1, out=scratch)
-                    attn[i].copy_(scratch)
+            # images per chunk: cache-sized logits, and few enough ops that late stages' small windows keep the
+            # threads busy
+            rows = max(1, min(b, _SOFTMAX_CHUNK_BYTES // (4 * bias.numel())))
+            if bias.dtype == qkv.dtype:
+                tiled = bias.repeat(rows, 1, 1)
+            else:
+                scratch = bias.new_empty(rows, *bias.shape)
+            for i in range(0, b, rows):
+                j = min(b, i + rows)
+                a = attn[i:j].view(-1, n, n)
+                qi, ki = q[i:j].reshape(-1, n, q.shape[-1]), k[i:j].reshape(-1, n, k.shape[-1])
+                if bias.dtype == qkv.dtype:
+                    torch.baddbmm(tiled[: a.shape[0]], qi, ki.transpose(-2, -1), out=a)
+                    torch.softmax(a, -1, out=a)
+                else:  # low precision: bias and softmax in float32
+                    torch.bmm(qi, ki.transpose(-2, -1), out=a)
+                    logits = torch.add(attn[i:j], bias, out=scratch[: j - i])
+                    attn[i:j].copy_(torch.softmax(logits, -1, out=logits))
             out = torch.matmul(attn, v)
         ctx.save_for_backward(heads, scale, norms, attn)
         ctx.bias_dtype = bias.dtype
