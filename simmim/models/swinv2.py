@@ -262,7 +262,7 @@ class _CosineWindowAttention(torch.autograd.Function):
     Why: PyTorch's CPU SDPA takes its math path for a bias that needs a gradient (upcasting bfloat16), and the
     autograd graph of the plain formulation makes many passes over the (windows, heads, N, N) tensors, several
     of them strided. Here q, k, v are copied once to contiguous head-major layout and normalised in place (the
-    temperature folded into q, the factors computed in float32), logits come from one matmul per image, and
+    temperature folded into q, the factors computed in float32), logits come from one matmul per chunk, and
     bias add and softmax run in float32 on a few images' logits at a time (cache-sized), so bfloat16 only rounds
     the matmul inputs and the probabilities. Saved for backward: normalised q, k, v, the norms, the probabilities.
     """
