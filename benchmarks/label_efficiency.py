@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
         batch_size=32, pretrain_epochs=1, pretrain_lr=2e-3, finetune_epochs=1, low_label_epochs=1,
         pretrain_limit=40, finetune_limit=20,
     ),
-    "90min": dict(  # ~80 min on an idle 2-core CPU (pretraining ~60 s an epoch, bf16)
+    "90min": dict(  # 72 min measured on the 2-core CPU (pretraining 65 s an epoch, bf16): RESULTS.md
         model="swinv2_micro", img_size=64, window_size=4, mask_patch_size=16, norm_target_patch_size=15,
         batch_size=64, pretrain_epochs=40, pretrain_lr=2e-3, finetune_epochs=10, low_label_epochs=30,
         pretrain_limit=None, finetune_limit=None,

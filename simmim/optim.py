@@ -158,7 +158,7 @@ def clip_gradients(
         module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
     elif isinstance(module.trainer.strategy, FSDPStrategy):
         module.trainer.strategy.model.clip_grad_norm_(clip_val)
-    elif any(g.get("fused") for g in optimizer.param_groups):
+    elif any(g.get("fused") for g in optimizer.param_groups) and fused_adamw_ok(module.trainer):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, clip_val)
     else:
