@@ -188,3 +188,26 @@ def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
     args = _args(images, tmp_path / "run", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
     with pytest.raises(RecipeError, match="trainer: The strategy `fsdp` requires a GPU"):
         run(load_recipe("pretrain", args))
+
+
+def test_trained_model_rebuilds_the_whole_model_from_gathered_weights(monkeypatch):
+    """Under a sharded strategy the final encoder and reconstructions come from a plain copy built from the gathered
+    state dict (FSDP itself needs a GPU; its gather is replaced by the module's own full state dict here)."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from simmim.pretrain import SimMIMPretrainModule, trained_model
+
+    module = SimMIMPretrainModule(
+        "swinv2_nano", {"img_size": 32, "window_size": 4}, norm_target=True, norm_target_patch_size=7
+    )
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    strategy = FSDPStrategy()
+    monkeypatch.setattr(strategy, "lightning_module_state_dict", module.state_dict)
+    trainer = SimpleNamespace(strategy=strategy, is_global_zero=True)
+    copy = trained_model(trainer, module)
+    assert copy is not module.model and copy.norm_target == module.model.norm_target
+    x, mask = torch.randn(2, 3, 32, 32), (torch.rand(2, 8, 8) > 0.4).long()
+    module.model.eval(), copy.eval()
+    torch.testing.assert_close(copy(x, mask), module.model(x, mask), rtol=0, atol=0)
+    assert trained_model(SimpleNamespace(strategy=strategy, is_global_zero=False), module) is None
