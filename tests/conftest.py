@@ -63,3 +63,29 @@ def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs)
     )
     trainer.fit(module, datamodule=dm)
     return module, losses
+
+
+def pretrain_args(folder, run_dir, *extra):
+    """CLI arguments of a small fp32 pretraining (quickstart recipe, swinv2_nano at 32 px) on a flat image
+    ``folder``, logging every step and keeping every checkpoint; ``extra`` overrides (later keys win)."""
+    return [
+        "recipe=quickstart",
+        f"data.root={folder}",
+        "data.source=folder",
+        "data.val_fraction=0.0",
+        "data.num_workers=0",
+        "model.drop_path_rate=0.0",
+        "optim.lr=0.2",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0.5",
+        "trainer.limit_train_batches=1.0",
+        "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "checkpoint.every_n_steps=2",
+        "checkpoint.keep_all=true",
+        "reconstructions=0",
+        f"run_dir={run_dir}",
+        *extra,
+    ]

@@ -13,35 +13,11 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import write_images
+from conftest import pretrain_args, write_images
 
 from simmim.config import RecipeError, load_recipe
 from simmim.distributed import build_strategy, rescale_position, seed_rank
 from simmim.pretrain import run
-
-
-def _args(folder, run_dir, *extra):
-    return [
-        "recipe=quickstart",
-        f"data.root={folder}",
-        "data.source=folder",
-        "data.val_fraction=0.0",
-        "data.num_workers=0",
-        "model.drop_path_rate=0.0",
-        "optim.lr=0.2",
-        "schedule.epochs=2",
-        "schedule.warmup_epochs=0.5",
-        "trainer.limit_train_batches=1.0",
-        "trainer.precision=32-true",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "checkpoint.every_n_steps=2",
-        "checkpoint.keep_all=true",
-        "reconstructions=0",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
 
 
 def _metrics(run_dir, key):
@@ -82,13 +58,14 @@ def test_two_processes_zero_and_resume_across_process_counts(tmp_path):
     get their own shards."""
     images = write_images(tmp_path / "images", 40)
     a, b, c, d = (tmp_path / x for x in "abcd")
-    run(load_recipe("pretrain", _args(images, a, "data.batch_size=8", "trainer.max_steps=6")))
+    run(load_recipe("pretrain", pretrain_args(images, a, "data.batch_size=8", "trainer.max_steps=6")))
     ddp = ("data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
-    res = _cli(*_args(images, b, *ddp, "trainer.max_steps=2", "memory=auto"))
+    res = _cli(*pretrain_args(images, b, *ddp, "trainer.max_steps=2", "memory=auto"))
     assert (res.stdout + res.stderr).count("memory=auto: est.") == 1  # planned on rank 0, logged once
-    _cli(*_args(images, c, *ddp, "optim.zero=true", "trainer.max_steps=4", f"resume={b}/checkpoints/step=000002.ckpt"))
+    resume_b = f"resume={b}/checkpoints/step=000002.ckpt"
+    _cli(*pretrain_args(images, c, *ddp, "optim.zero=true", "trainer.max_steps=4", resume_b))
     accumulate = ("data.batch_size=4", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
-    run(load_recipe("pretrain", _args(images, d, *accumulate, f"resume={c}/checkpoints/step=000004.ckpt")))
+    run(load_recipe("pretrain", pretrain_args(images, d, *accumulate, f"resume={c}/checkpoints/step=000004.ckpt")))
 
     # Losses are means over both processes (every image has the same number of masked pixels), gradients are
     # DDP averages: float32 summation order is the only difference.
@@ -142,7 +119,7 @@ def test_accumulation_drops_partial_step_and_scales_lr(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((trainer.current_epoch, batch_idx))
 
-    args = _args(images, tmp_path / "run", "data.batch_size=4", "trainer.accumulate_grad_batches=3")
+    args = pretrain_args(images, tmp_path / "run", "data.batch_size=4", "trainer.accumulate_grad_batches=3")
     args += ["schedule.name=constant", "schedule.warmup_epochs=0", "checkpoint.every_n_steps=0"]
     out = run(load_recipe("pretrain", args), callbacks=[Count()])
     assert out["steps"] == 4  # 2 epochs x 2 steps
@@ -185,7 +162,7 @@ def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {SwinTransformerBlock, PatchMerging}
     assert build_strategy("ddp") == "ddp"
     images = write_images(tmp_path / "images", 8)
-    args = _args(images, tmp_path / "run", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
+    args = pretrain_args(images, tmp_path / "run", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
     with pytest.raises(RecipeError, match="trainer: The strategy `fsdp` requires a GPU"):
         run(load_recipe("pretrain", args))
 

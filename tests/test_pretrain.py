@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import fit_tiny_pretraining
+from conftest import fit_tiny_pretraining, pretrain_args
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
 from simmim.checkpoint import load_encoder
@@ -21,30 +21,10 @@ STEPS = 14  # 24 images, batch 4: 6 steps per epoch, so runs cross two epoch bou
 
 
 def _args(folder, run_dir, *extra):
-    return [
-        "recipe=quickstart",
-        f"data.root={folder}",
-        "data.source=folder",
-        "data.val_fraction=0.0",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "model.drop_path_rate=0.1",  # exercises the global RNG across resumes
-        "optim.lr=0.2",
-        "schedule.epochs=3",
-        "schedule.warmup_epochs=0.5",
-        f"trainer.max_steps={STEPS}",
-        "trainer.limit_train_batches=1.0",
-        "trainer.precision=32-true",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "checkpoint.every_n_steps=3",
-        "checkpoint.keep_all=true",
-        "reconstructions=0",
-        "visualize_every_n_steps=0",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
+    steps = (f"trainer.max_steps={STEPS}", "schedule.epochs=3", "checkpoint.every_n_steps=3")
+    # drop path exercises the global RNG across resumes
+    small = ("data.batch_size=4", "model.drop_path_rate=0.1", "visualize_every_n_steps=0")
+    return pretrain_args(folder, run_dir, *small, *steps, *extra)
 
 
 def _losses(run_dir, version=None):
