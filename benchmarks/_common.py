@@ -30,12 +30,13 @@ def build_pair(name: str, img_size: int, window_size: int, num_classes: int = 10
 def make_train_step(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, fused: bool = True
 ) -> Callable[[], None]:
-    """One training step: forward (optionally under CPU bf16 autocast), cross-entropy, backward, AdamW."""
+    """One training step: forward (optionally under bf16 autocast on ``x``'s device), cross-entropy, backward,
+    AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
     model.train()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
