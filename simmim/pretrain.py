@@ -32,7 +32,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
 from simmim.checkpoint import save_encoder
 from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
-from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from simmim.distributed import (
     full_state_dict,
     gather_rng_states,
@@ -403,11 +402,10 @@ def export_encoder(model: SimMIM, config: dict[str, Any], path: str | Path) -> P
 
 def save_reconstructions(model: SimMIM, datamodule: Any, path: str | Path, n: int = 8, title: str = "") -> Path:
     """A grid original / masked / prediction / pasted for ``n`` images (:mod:`simmim.visualize`)."""
-    from simmim.visualize import sample_images, save_reconstruction_grid
+    from simmim.visualize import input_normalisation, sample_images, save_reconstruction_grid
 
     images, masks = sample_images(datamodule, n)
-    hp = getattr(datamodule, "hparams", {})
-    mean, std = hp.get("mean", IMAGENET_MEAN), hp.get("std", IMAGENET_STD)
+    mean, std = input_normalisation(datamodule)
     save_reconstruction_grid(model, images, masks, path, mean=mean, std=std, title=title)
     return Path(path)
 
@@ -430,10 +428,10 @@ def trained_model(trainer: pl.Trainer, module: SimMIMPretrainModule) -> SimMIM |
 def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callback:
     """Reconstruction grids of fixed images every ``visualize_every_n_steps`` (``run_dir/reconstructions``).
     The images are read before fitting, so the train sampler's resume position is left untouched."""
-    from simmim.visualize import ReconstructionGridCallback, sample_images
+    from simmim.visualize import ReconstructionGridCallback, input_normalisation, sample_images
 
     images, _ = sample_images(datamodule, max(1, cfg.reconstructions))
-    hp = datamodule.hparams
+    mean, std = input_normalisation(datamodule)
     return ReconstructionGridCallback(
         images,
         every_n_steps=cfg.visualize_every_n_steps,
@@ -441,8 +439,8 @@ def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callba
         seed=cfg.seed,
         mask_patch_size=cfg.data.mask_patch_size,
         mask_ratio=cfg.data.mask_ratio,
-        mean=hp.get("mean", IMAGENET_MEAN),
-        std=hp.get("std", IMAGENET_STD),
+        mean=mean,
+        std=std,
         dirpath=run_dir / "reconstructions",
     )
 

@@ -51,6 +51,7 @@ __all__ = [
     "plot_position_bias",
     "VisualizeError",
     "sample_images",
+    "input_normalisation",
     "load_simmim",
     "load_images",
     "main",
@@ -413,6 +414,12 @@ def plot_position_bias(
 
 
 # ---- inputs: images from a datamodule, checkpoints, image files -------------------------------------------
+def input_normalisation(datamodule: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a datamodule's input normalisation (its hyper-parameters), else ImageNet's."""
+    hp = getattr(datamodule, "hparams", {})
+    return tuple(hp.get("mean") or IMAGENET_MEAN), tuple(hp.get("std") or IMAGENET_STD)
+
+
 def sample_images(datamodule: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first ``n`` validation samples of ``datamodule`` (training samples when it has no validation set):
     images [n, 3, H, W] and their masks when the samples carry them (else None).
@@ -488,10 +495,8 @@ class ReconstructionGridCallback(pl.Callback):
             images, masks = source[: self.num_images], None
         else:
             images, masks = sample_images(source, self.num_images)
-            hp = getattr(source, "hparams", {})
-            self.mean = self.mean or hp.get("mean")
-            self.std = self.std or hp.get("std")
-        self.mean, self.std = tuple(self.mean or IMAGENET_MEAN), tuple(self.std or IMAGENET_STD)
+        mean, std = input_normalisation(None if isinstance(source, torch.Tensor) else source)
+        self.mean, self.std = tuple(self.mean or mean), tuple(self.std or std)
         self.images = images.detach().float().cpu()
         if masks is None:
             size = self.images.shape[-1]

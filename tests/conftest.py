@@ -29,6 +29,18 @@ def image_folder(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("images"), 24)
 
 
+def quiet_trainer(**kwargs):
+    """A CPU ``pl.Trainer`` for tests: no logger, checkpoints, progress bar or model summary, and no distributed
+    sampler (our data modules shard themselves); ``kwargs`` add to or override these."""
+    import pytorch_lightning as pl
+
+    defaults = dict(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs):
     """A real Trainer.fit of SimMIM swinv2_nano at 32 px on ``folder`` (batch 8, lr 0.5 per 512, no logger);
     returns the module and the per-step training losses."""
@@ -51,16 +63,7 @@ def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs)
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].item())
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[Record(), *callbacks],
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(callbacks=[Record(), *callbacks], **trainer_kwargs)
     trainer.fit(module, datamodule=dm)
     return module, losses
 

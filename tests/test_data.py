@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -390,15 +391,7 @@ def test_lightning_fit_sets_epochs_and_skips_empty_validation(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     probe = Probe()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=2)
     trainer.fit(probe, datamodule=dm)
     assert dm.train_sampler.epoch == 1 and len(probe.masks[0]) == len(probe.masks[1]) == 2
     assert not torch.equal(torch.cat(probe.masks[0]), torch.cat(probe.masks[1]))

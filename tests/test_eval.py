@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.eval import KNNMonitor, extract_features, knn_accuracy, knn_predict
@@ -77,10 +78,7 @@ class TinyPretrain(pl.LightningModule):
 def test_knn_monitor_logs_during_fit(tmp_path):
     train = DataLoader(ColourDataset(24, seed=1), batch_size=8)
     monitor = KNNMonitor(lambda: DataLoader(ColourDataset(30, seed=2), batch_size=16), train, every_n_epochs=2)
-    trainer = pl.Trainer(
-        max_epochs=2, limit_train_batches=2, callbacks=[monitor], default_root_dir=tmp_path, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=2, callbacks=[monitor], default_root_dir=tmp_path)
     trainer.fit(TinyPretrain(), train)
     assert [epoch for epoch, _ in monitor.history] == [1]  # every 2 epochs: after the second only
     assert "knn/top1" in trainer.logged_metrics
@@ -103,10 +101,7 @@ def test_knn_monitor_from_datamodule(tmp_path):
                 Image.fromarray(img).save(tmp_path / split / name / f"{i}.png")
     make = lambda: ClassificationDataModule(tmp_path, img_size=32, batch_size=4, num_workers=0)
     monitor = KNNMonitor.from_datamodule(make, k=5)
-    trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=1, callbacks=[monitor], default_root_dir=tmp_path, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[monitor], default_root_dir=tmp_path)
     trainer.fit(TinyPretrain(), DataLoader(ColourDataset(8), batch_size=8))
     assert monitor.history[0][1] == {"top1": 100.0}
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,11 +40,7 @@ class ColourDataset(Dataset):
 
 
 def trainer(tmp_path: Path, **kw) -> pl.Trainer:
-    defaults = dict(
-        max_epochs=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=5.0,
-    )  # fmt: skip
-    return pl.Trainer(**{**defaults, **kw})
+    return quiet_trainer(**{"max_epochs": 1, "default_root_dir": tmp_path, "gradient_clip_val": 5.0, **kw})
 
 
 def module(**kw) -> FinetuneModule:

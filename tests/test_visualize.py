@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer
 from PIL import Image
 
 from simmim import visualize as V
@@ -162,17 +163,12 @@ def fitted(image_folder, tmp_path_factory):
         schedule={"name": "constant", "epochs": 1, "warmup_epochs": 0, "milestones": []},
     )
     callback = V.ReconstructionGridCallback(every_n_steps=2, num_images=3)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         max_steps=4,
-        accelerator="cpu",
         precision="bf16-mixed",
         default_root_dir=root,
         logger=TensorBoardLogger(root, name="logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
         callbacks=[callback],
     )
     trainer.fit(module, datamodule=dm)
