@@ -14,8 +14,8 @@ from simmim.models.swinv2 import (
     DropPath,
     SwinTransformerBlock,
     SwinTransformerV2,
-    _CosineWindowAttention,
     _sdpa_attention,
+    cosine_window_attention,
     create_model,
     swin_layer_id,
 )
@@ -270,7 +270,7 @@ def test_cpu_attention_function_matches_sdpa_formulation():
     bias[:, :, -2:] = -100.0  # some masked keys
     w = torch.randn(bw, n, nh * hd, generator=g, dtype=torch.float64)
     results = []
-    for fn in (lambda *a: _CosineWindowAttention.apply(*a), lambda *a: _sdpa_attention(*a, 0.0)):
+    for fn in (lambda *a: cosine_window_attention(*a)[0], lambda *a: _sdpa_attention(*a, 0.0)):
         inputs = [t.clone().requires_grad_(True) for t in (qkv, scale, bias)]
         out = fn(*inputs)
         results.append([out, *torch.autograd.grad((out * w).sum(), inputs)])
