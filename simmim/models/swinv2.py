@@ -268,6 +268,10 @@ def _sdpa_attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, 
 # ``torch.library`` op it stays one opaque kernel under ``torch.compile`` (no graph break).
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 @torch.library.custom_op("simmim::cosine_window_attention", mutates_args=(), device_types="cpu")
 def cosine_window_attention(
     qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
@@ -325,7 +329,7 @@ def _(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
 def _cosine_window_attention_backward(
     grad_out: torch.Tensor, heads: torch.Tensor, scale: torch.Tensor, norms: torch.Tensor, attn: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of qkv, the temperature and the bias (summed over images, in the probabilities' dtype)."""
+    """Gradients of qkv, the temperature and the bias (summed over images, in float32 at least)."""
     _, bw, nh, n, hd = heads.shape
     b, g = attn.shape[:2]
     with torch.autocast("cpu", enabled=False):
@@ -335,7 +339,9 @@ def _cosine_window_attention_backward(
         torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, hd))
         grad = torch.matmul(grad_out, v.transpose(-2, -1))
         torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)  # d logits, in place
-        grad_bias = grad.sum(0) if b > 1 else grad[0].clone()  # float accumulation
+        grad_bias = grad[0].to(_accumulation_dtype(grad.dtype), copy=True)
+        for image in grad[1:]:  # adds: CPU sums over a leading dim are far slower
+            grad_bias.add_(image)
         # x_hat = t * x / max(|x|, eps), t = scale for q and 1 for k: with a = <x_hat, d x_hat>,
         # dx = t / |x| * d x_hat - a / (t |x|) * x_hat (no projection term where the norm was clamped),
         # d scale = sum of a / scale over tokens.
@@ -354,7 +360,8 @@ def _cosine_window_attention_backward(
 @_cosine_window_attention_backward.register_fake
 def _(grad_out: torch.Tensor, heads: torch.Tensor, scale: torch.Tensor, norms: torch.Tensor, attn: torch.Tensor):
     _, bw, nh, n, hd = heads.shape
-    return heads.new_empty(bw, n, 3 * nh * hd), torch.empty_like(scale), attn.new_empty(attn.shape[1:])
+    grad_bias = attn.new_empty(attn.shape[1:], dtype=_accumulation_dtype(attn.dtype))
+    return heads.new_empty(bw, n, 3 * nh * hd), torch.empty_like(scale), grad_bias
 
 
 def _setup_context(ctx, inputs, output) -> None:
