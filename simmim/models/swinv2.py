@@ -272,7 +272,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@torch.library.custom_op("simmim::cosine_window_attention", mutates_args=(), device_types="cpu")
+# The op names carry a version: bump it whenever a fake kernel (output shapes, dtypes) changes, since torch.compile's
+# on-disk caches key on the graph, not on a custom op's implementation, and would replay stale output metadata.
+@torch.library.custom_op("simmim::cosine_window_attention_v2", mutates_args=(), device_types="cpu")
 def cosine_window_attention(
     qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,7 +327,7 @@ def _(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
     )
 
 
-@torch.library.custom_op("simmim::cosine_window_attention_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("simmim::cosine_window_attention_backward_v2", mutates_args=(), device_types="cpu")
 def _cosine_window_attention_backward(
     grad_out: torch.Tensor, heads: torch.Tensor, scale: torch.Tensor, norms: torch.Tensor, attn: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
