@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +26,16 @@ def build_pair(name: str, img_size: int, window_size: int, num_classes: int = 10
     theirs = TimmSwinV2(**timm_kw, num_classes=num_classes)
     theirs.load_state_dict(official_to_timm(ours.state_dict()))
     return ours, theirs
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc keeps freed memory for reuse instead of returning it to the OS (mmap threshold 32 MiB, trim
+    threshold 16 GiB, top pad 1 GiB: as ``MALLOC_MMAP_THRESHOLD_`` etc. would), so a step's large temporaries do
+    not page-fault afresh on every step."""
+    libc = ctypes.CDLL("libc.so.6")
+    for param, value in ((-3, 32 << 20), (-1, 16 << 30), (-2, 1 << 30)):  # M_MMAP_THRESHOLD, M_TRIM_, M_TOP_PAD
+        if libc.mallopt(param, value) != 1:
+            raise RuntimeError(f"mallopt({param}, {value}) failed")
 
 
 def make_train_step(

@@ -4,6 +4,7 @@
     python benchmarks/encoder.py --rounds 10 --dtypes bf16 --threads 2
     python benchmarks/encoder.py --threads 1 --clock cpu   # on a shared machine: immune to other processes
     python benchmarks/encoder.py --compile                 # both models torch.compile'd (minutes to compile)
+    python benchmarks/encoder.py --keep-freed-memory       # glibc malloc tuned (timm's step is sensitive to it)
 
 One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step.
 Rounds alternate the order of the two models so background load hits both alike; the table reports the
@@ -22,7 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import build_pair, interleaved, make_train_step, matmul_peak, step_flops  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    build_pair,
+    interleaved,
+    keep_freed_memory,
+    make_train_step,
+    matmul_peak,
+    step_flops,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time (use 1 thread)")
     ap.add_argument("--foreach-adamw", action="store_true", help="torch's default AdamW instead of fused=True")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (compile time reported apart)")
+    ap.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc malloc keeps freed memory (no page faults per step)"
+    )
     args = ap.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"AdamW {'fused' if fused else 'foreach'}, {args.rounds} rounds x {args.steps} step(s), {args.clock} clock"
         + (", both models torch.compile'd" if args.compile else "")
+        + (", glibc malloc keeps freed memory" if args.keep_freed_memory else "")
     )
     print("| dtype | ours img/s | timm img/s | ours / timm | ours MFU | timm MFU | matmul peak GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
