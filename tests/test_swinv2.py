@@ -14,6 +14,7 @@ from simmim.models.swinv2 import (
     DropPath,
     SwinTransformerBlock,
     SwinTransformerV2,
+    _cosine_window_attention_backward,
     _sdpa_attention,
     cosine_window_attention,
     create_model,
@@ -235,6 +236,22 @@ def test_bfloat16_autocast_is_as_accurate_as_timm():
         loss = ours(x).float().logsumexp(-1).mean()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_op_registration(dtype):
+    """The custom op's fake kernels, schema and autograd registration agree with its real outputs (what
+    torch.compile relies on), for float32 and for bfloat16 inputs with a float32 bias (autocast)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(6, 9, 24, generator=g).to(dtype).requires_grad_(True)
+    scale = (torch.rand(2, 1, 1, generator=g) * 20).requires_grad_(True)
+    bias = torch.randn(6, 9, 9, generator=g).requires_grad_(True)
+    torch.library.opcheck(cosine_window_attention, (qkv, scale, bias))
+    with torch.no_grad():
+        out, heads, norms, attn = cosine_window_attention(qkv, scale, bias)
+    torch.library.opcheck(
+        _cosine_window_attention_backward, (torch.randn_like(out), heads, scale.detach(), norms, attn)
+    )
 
 
 def test_configs_layer_ids_and_errors():
