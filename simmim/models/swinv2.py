@@ -263,9 +263,10 @@ def _sdpa_attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, 
 # autograd graph of the plain formulation makes many passes over the (windows, heads, N, N) tensors, several of
 # them strided. Here q, k, v are copied once to contiguous head-major layout and normalised in place (the
 # temperature folded into q, the factors computed in float32), logits come from one matmul per chunk, and bias add
-# and softmax run in float32 on a few images' logits at a time (cache-sized), so bfloat16 only rounds the matmul
-# inputs and the probabilities. Saved for backward: normalised q, k, v, the norms, the probabilities. As a
-# ``torch.library`` op it stays one opaque kernel under ``torch.compile`` (no graph break).
+# and softmax run in float32 on a few images' logits at a time (cache-sized): under bf16 autocast the matmuls'
+# inputs and outputs are bfloat16 as in SDPA, the position bias (up to 16) and the softmax are not. Saved for
+# backward: normalised q, k, v, the norms, the probabilities. As a ``torch.library`` op it stays one opaque
+# kernel under ``torch.compile`` (no graph break).
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -285,7 +286,7 @@ def cosine_window_attention(
     b = bw * nh // g
     with torch.autocast("cpu", enabled=False):
         heads = qkv.new_empty(3, bw, nh, n, c3 // (3 * nh))
-        heads.copy_(qkv.view(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4))
+        heads.copy_(qkv.reshape(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4))
         # per-row factors in float32 (at least); every large elementwise op stays in one dtype (mixed-dtype ops
         # make hidden converted copies on CPU)
         norms = torch.linalg.vector_norm(heads[:2], dim=-1, keepdim=True).to(scale.dtype).clamp_min_(1e-12)
