@@ -298,7 +298,7 @@ def cosine_window_attention(
         # threads busy
         rows = max(1, min(b, _SOFTMAX_CHUNK_BYTES // (4 * bias.numel())))
         if bias.dtype == qkv.dtype:
-            tiled = bias.repeat(rows, 1, 1)
+            tiled = bias.repeat(rows, 1, 1) if rows > 1 else bias
         else:
             scratch = bias.new_empty(rows, *bias.shape)
         for i in range(0, b, rows):
@@ -342,7 +342,7 @@ def _cosine_window_attention_backward(
         torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, hd))
         grad = torch.matmul(grad_out, v.transpose(-2, -1))
         torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)  # d logits, in place
-        grad_bias = grad[0].to(_accumulation_dtype(grad.dtype), copy=True)
+        grad_bias = grad[0].to(_accumulation_dtype(grad.dtype), copy=b > 1)  # one image: no copy (1024 px: 0.8 GB)
         for image in grad[1:]:  # adds: CPU sums over a leading dim are far slower
             grad_bias.add_(image)
         # x_hat = t * x / max(|x|, eps), t = scale for q and 1 for k: with a = <x_hat, d x_hat>,
