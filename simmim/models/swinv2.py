@@ -174,15 +174,13 @@ class WindowAttention(nn.Module):
             # serial scatter-add of indexing [T, nH] rows
             return table.t().index_select(1, self.relative_position_index.view(-1)).view(-1, n, n)
 
-    def forward(
-        self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None, num_windows: int | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None) -> torch.Tensor:
         """x: [B*nW, N, C] windows of a batch, image-major; mask: a :class:`WindowMask`, an additive [nW, N, N]
-        tensor (shift and padding), or None; num_windows: nW when there is no mask (groups the work by image)."""
+        tensor (shift and padding), or None."""
         bw, n, _ = x.shape
         if isinstance(mask, torch.Tensor):
             mask = WindowMask(dense=mask)
-        nw = mask.num_windows if mask is not None else (num_windows or 1)
+        nw = mask.num_windows if mask is not None else 1
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
@@ -222,10 +220,9 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor | None, nw: int):
     """Position bias [nH, N, N] plus the mask of ``windows`` (indices within an image; None: all ``nw``):
-    [windows * nH, N, N]."""
-    nh, n = pos_bias.shape[:2]
+    [windows * nH, N, N]; without a mask the bias itself, shared by every window."""
     if mask is None:
-        return pos_bias.expand(nw if windows is None else len(windows), nh, n, n).reshape(-1, n, n)
+        return pos_bias
     dense = mask.dense(None if windows is None else windows.to(pos_bias.device))
     return (pos_bias + dense[:, None]).flatten(0, 1)
 
@@ -236,10 +233,10 @@ def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: tor
 
 
 def _attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
-    """Scaled cosine attention of windows: qkv [B*nW, N, 3C], temperature [nH, 1, 1], bias [nW*nH, N, N]
-    (the same for every image) -> [B*nW, N, C]. On CPU without attention dropout the hand-written
-    ``simmim::cosine_window_attention`` op (opaque to ``torch.compile``, which fuses the rest of the block around
-    it); otherwise normalisation plus ``scaled_dot_product_attention`` (fused kernels)."""
+    """Scaled cosine attention of windows: qkv [B*nW, N, 3C], temperature [nH, 1, 1], bias [G*nH, N, N] for each
+    group of G consecutive windows (G = nW: one per image; G = 1: shared by all) -> [B*nW, N, C]. On CPU without
+    attention dropout the hand-written ``simmim::cosine_window_attention`` op (opaque to ``torch.compile``, which
+    fuses the rest of the block around it); otherwise normalisation plus ``scaled_dot_product_attention``."""
     if qkv.device.type == "cpu" and p == 0.0:
         return cosine_window_attention(qkv, scale, bias)[0]
     return _sdpa_attention(qkv, scale, bias, p)
@@ -251,7 +248,7 @@ def _sdpa_attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, 
     q, k, v = qkv.view(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B*nW, nH, N, hd]
     q = (F.normalize(_upcast(q), dim=-1) * scale).to(v.dtype)
     k = F.normalize(_upcast(k), dim=-1).to(v.dtype)
-    # One image per row, all its (window, head) pairs along dim 1, so the [nW*nH, N, N] bias broadcasts.
+    # One group of G windows per row, its (window, head) pairs along dim 1, so the [G*nH, N, N] bias broadcasts.
     q, k, v = (t.reshape(bw * nh // g, g, n, -1) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(v.dtype), dropout_p=p, scale=1.0)
     return out.view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, c3 // 3)
@@ -279,8 +276,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def cosine_window_attention(
     qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [B*nW, N, 3C], temperature [nH, 1, 1], bias [nW*nH, N, N] -> (out [B*nW, N, C], and for the backward:
-    normalised heads [3, B*nW, nH, N, hd], norms [2, B*nW, nH, N, 1], probabilities [B, nW*nH, N, N])."""
+    """qkv [B*nW, N, 3C], temperature [nH, 1, 1], bias [G*nH, N, N] (see :func:`_attention`) -> (out [B*nW, N, C],
+    and for the backward: normalised heads [3, B*nW, nH, N, hd], norms [2, B*nW, nH, N, 1], probabilities
+    [B*nW/G, G*nH, N, N])."""
     bw, n, c3 = qkv.shape
     nh, g = scale.shape[0], bias.shape[0]
     b = bw * nh // g
@@ -517,8 +515,7 @@ class SwinTransformerBlock(nn.Module):
         hp, wp = h + ph, w + pw
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        nw = (hp // wh) * (wp // ww)
-        windows = self.attn(window_partition(x, self.window_size), self.attn_mask(h, w, x.device), num_windows=nw)
+        windows = self.attn(window_partition(x, self.window_size), self.attn_mask(h, w, x.device))
         x = window_reverse(windows, self.window_size, hp, wp)
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
