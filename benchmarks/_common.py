@@ -32,7 +32,10 @@ def keep_freed_memory() -> None:
     """glibc malloc keeps freed memory for reuse instead of returning it to the OS (mmap threshold 32 MiB, trim
     threshold 16 GiB, top pad 1 GiB: as ``MALLOC_MMAP_THRESHOLD_`` etc. would), so a step's large temporaries do
     not page-fault afresh on every step."""
-    libc = ctypes.CDLL("libc.so.6")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as err:
+        raise SystemExit(f"--keep-freed-memory needs glibc (Linux): {err}") from None
     for param, value in ((-3, 32 << 20), (-1, 16 << 30), (-2, 1 << 30)):  # M_MMAP_THRESHOLD, M_TRIM_, M_TOP_PAD
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(f"mallopt({param}, {value}) failed")
