@@ -277,13 +277,15 @@ def test_configs_layer_ids_and_errors():
         create_model("swinv2_nano", img_size=16)
 
 
-def test_cpu_attention_function_matches_sdpa_formulation():
-    """The hand-written CPU attention (forward and backward) equals the autograd + SDPA path used elsewhere."""
+@pytest.mark.parametrize("groups", [3, 1])
+def test_cpu_attention_function_matches_sdpa_formulation(groups):
+    """The hand-written CPU attention (forward and backward) equals the autograd + SDPA path used elsewhere, for a
+    bias per window of an image (groups=3) and one bias shared by all windows (groups=1, unshifted blocks)."""
     g = torch.Generator().manual_seed(0)
-    bw, n, nh, hd, nw = 6, 9, 2, 4, 3  # 2 images of 3 windows
+    bw, n, nh, hd = 6, 9, 2, 4  # 2 images of 3 windows
     qkv = torch.randn(bw, n, 3 * nh * hd, generator=g, dtype=torch.float64)
     scale = torch.rand(nh, 1, 1, generator=g, dtype=torch.float64) * 20
-    bias = torch.randn(nw * nh, n, n, generator=g, dtype=torch.float64)
+    bias = torch.randn(groups * nh, n, n, generator=g, dtype=torch.float64)
     bias[:, :, -2:] = -100.0  # some masked keys
     w = torch.randn(bw, n, nh * hd, generator=g, dtype=torch.float64)
     results = []
@@ -293,3 +295,9 @@ def test_cpu_attention_function_matches_sdpa_formulation():
         results.append([out, *torch.autograd.grad((out * w).sum(), inputs)])
     for a, b in zip(*results):
         assert rel_err(a, b) <= 1e-12
+    if groups == 1:  # the shared bias gives what the same bias tiled per window gives
+        tiled = bias.repeat(3, 1, 1).requires_grad_(True)
+        out = cosine_window_attention(qkv, scale, tiled)[0]
+        assert rel_err(out, results[0][0]) <= 1e-12
+        grad = torch.autograd.grad((out * w).sum(), tiled)[0]
+        assert rel_err(grad.view(3, nh, n, n).sum(0), results[0][3]) <= 1e-12
