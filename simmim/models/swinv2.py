@@ -190,7 +190,7 @@ class WindowAttention(nn.Module):
         pos_bias = self.position_bias()  # [nH, N, N]
         p = self.attn_drop if self.training else 0.0
         if self.attn_chunk_size <= 0:
-            out = _attention(qkv, scale, _window_bias(pos_bias, mask, None, nw), p)
+            out = _attention(qkv, scale, _window_bias(pos_bias, mask, None), p)
         else:
             # Sequential attention (paper section 3.4): whole windows, about attn_chunk_size (window, head) pairs at a
             # time, each chunk recomputed in the backward pass; no [nW*nH, N, N] tensor of the full batch exists.
@@ -198,7 +198,7 @@ class WindowAttention(nn.Module):
             recompute = torch.is_grad_enabled() and (qkv.requires_grad or pos_bias.requires_grad)
             out = []
             for s in range(0, bw, step):
-                args = (qkv[s : s + step], scale, pos_bias, mask, torch.arange(s, min(s + step, bw)) % nw, nw, p)
+                args = (qkv[s : s + step], scale, pos_bias, mask, torch.arange(s, min(s + step, bw)) % nw, p)
                 if recompute:
                     out.append(torch.utils.checkpoint.checkpoint(_chunk_attention, *args, use_reentrant=False))
                 else:
@@ -218,8 +218,8 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor | None, nw: int):
-    """Position bias [nH, N, N] plus the mask of ``windows`` (indices within an image; None: all ``nw``):
+def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor | None) -> torch.Tensor:
+    """Position bias [nH, N, N] plus the mask of ``windows`` (indices within an image; None: all of the mask's):
     [windows * nH, N, N]; without a mask the bias itself, shared by every window."""
     if mask is None:
         return pos_bias
@@ -227,9 +227,9 @@ def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch
     return (pos_bias + dense[:, None]).flatten(0, 1)
 
 
-def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: torch.Tensor, nw: int, p: float):
+def _chunk_attention(qkv, scale, pos_bias, mask: WindowMask | None, windows: torch.Tensor, p: float):
     """Attention of a slice of whole windows (``windows``: their indices within an image)."""
-    return _attention(qkv, scale, _window_bias(pos_bias, mask, windows, nw), p)
+    return _attention(qkv, scale, _window_bias(pos_bias, mask, windows), p)
 
 
 def _attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
