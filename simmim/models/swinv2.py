@@ -283,13 +283,15 @@ def cosine_window_attention(
     nh, g = scale.shape[0], bias.shape[0]
     b = bw * nh // g
     with torch.autocast("cpu", enabled=False):
-        heads = qkv.new_empty(3, bw, nh, n, c3 // (3 * nh))
-        heads.copy_(qkv.reshape(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4))
+        strided = qkv.view(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4)  # [3, B*nW, nH, N, hd], a view
+        heads = qkv.new_empty(strided.shape)
         # per-row factors in float32 (at least); every large elementwise op stays in one dtype (mixed-dtype ops
-        # make hidden converted copies on CPU)
-        norms = torch.linalg.vector_norm(heads[:2], dim=-1, keepdim=True).to(scale.dtype).clamp_min_(1e-12)
-        heads[0].mul_((scale / norms[0]).to(heads.dtype))  # = F.normalize(q) * scale
-        heads[1].mul_(norms[1].reciprocal().to(heads.dtype))
+        # make hidden converted copies on CPU). q and k are normalised on their way to head-major layout.
+        norms = torch.linalg.vector_norm(strided[:2], dim=-1, keepdim=True).to(scale.dtype).clamp_min_(1e-12)
+        factors = norms.reciprocal()
+        factors[0].mul_(scale)  # = F.normalize(q) * scale, F.normalize(k)
+        torch.mul(strided[:2], factors.to(heads.dtype), out=heads[:2])
+        heads[2].copy_(strided[2])
         q, k, v = (t.view(b, g, n, -1) for t in heads)
         attn = torch.empty(b, g, n, n, dtype=qkv.dtype)
         # images per chunk: cache-sized logits, and few enough ops that late stages' small windows keep the
