@@ -1,0 +1,102 @@
+"""How much of a training step the window attention costs, ours against timm's, and what the rest allows.
+
+    python benchmarks/attention_share.py                  # SwinV2-T, 192 px, window 12, batch 8, bf16
+    python benchmarks/attention_share.py --dtype fp32 --rounds 10
+
+Times four steps, interleaved: each model as is, and each with its window attention's core (normalisation, logits,
+Log-CPB position bias, mask, softmax, attention times values, in forward and backward) replaced by the same
+stand-in, the value slice of the qkv projection. Everything else (qkv and output projections, MLPs, norms, patch
+merging, head, loss, AdamW) is left as is. The difference is what the attention costs; the stand-in steps show how the
+rest compares, and so the ours / timm ratio that a free attention would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import simmim.models.swinv2 as swinv2  # noqa: E402
+from benchmarks._common import build_pair, interleaved, make_train_step  # noqa: E402
+
+
+def _value_slice(qkv: torch.Tensor) -> torch.Tensor:
+    return qkv[..., 2 * qkv.shape[-1] // 3 :]
+
+
+def _stand_in(self, x: torch.Tensor, mask: object = None) -> torch.Tensor:
+    """WindowAttention.forward of either model (both have q_bias and v_bias, a zero k bias) without the attention."""
+    qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
+    return self.proj_drop(self.proj(_value_slice(qkv)))
+
+
+class _Swapped(torch.nn.Module):
+    """Runs ``model`` with ``target.name`` replaced by ``stand_in`` (restored after each call)."""
+
+    def __init__(self, model: torch.nn.Module, target: object, name: str, stand_in) -> None:
+        super().__init__()
+        self.model, self.target, self.name, self.stand_in = model, target, name, stand_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        original = getattr(self.target, self.name)
+        setattr(self.target, self.name, self.stand_in)
+        try:
+            return self.model(x)
+        finally:
+            setattr(self.target, self.name, original)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from timm.models.swin_transformer_v2 import WindowAttention as TimmWindowAttention
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="swinv2_tiny")
+    ap.add_argument("--img-size", type=int, default=192)
+    ap.add_argument("--window", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (median reported)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 1000, (args.batch,))
+    bf16 = args.dtype == "bf16"
+    ours, timm = build_pair(args.model, args.img_size, args.window)
+    ours_bare, timm_bare = build_pair(args.model, args.img_size, args.window)
+    steps = {
+        "ours": make_train_step(ours, x, y, bf16),
+        "ours, attention swapped out": make_train_step(
+            _Swapped(ours_bare, swinv2.WindowAttention, "forward", _stand_in), x, y, bf16
+        ),
+        "timm": make_train_step(timm, x, y, bf16),
+        "timm, attention swapped out": make_train_step(
+            _Swapped(timm_bare, TimmWindowAttention, "forward", _stand_in), x, y, bf16
+        ),
+    }
+    ms = {k: v * 1e3 for k, v in interleaved(steps, rounds=args.rounds, steps=1).items()}
+    print(
+        f"# {args.model} {args.img_size}px window {args.window} batch {args.batch}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.rounds} interleaved rounds"
+    )
+    print("| step | ms | attention ms | attention share |")
+    print("|---|---|---|---|")
+    for name in ("ours", "timm"):
+        attention = ms[name] - ms[f"{name}, attention swapped out"]
+        print(f"| {name} | {ms[name]:.0f} | {attention:.0f} | {attention / ms[name]:.0%} |")
+        print(f"| {name}, attention swapped out | {ms[f'{name}, attention swapped out']:.0f} | | |")
+    rest = ms["timm, attention swapped out"] / ms["ours, attention swapped out"]
+    ceiling = ms["timm"] / ms["ours, attention swapped out"]
+    print(
+        f"# ours / timm: whole step {ms['timm'] / ms['ours']:.2f}x; the rest alone {rest:.2f}x; "
+        f"with a free attention at most {ceiling:.2f}x; our attention is "
+        f"{(ms['timm'] - ms['timm, attention swapped out']) / (ms['ours'] - ms['ours, attention swapped out']):.2f}x "
+        "faster than timm's"
+    )
+
+
+if __name__ == "__main__":
+    main()
