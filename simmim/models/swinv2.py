@@ -168,11 +168,15 @@ class WindowAttention(nn.Module):
 
     def _position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
+        fc1, fc2 = self.cpb_mlp[0], self.cpb_mlp[2]
         with torch.autocast(self.relative_coords_table.device.type, enabled=False):  # bias values up to 16: fp32
-            table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
-            # gathered head-major: its backward (index_add_ along rows of [nH, T]) is ~10x faster on CPU than the
-            # serial scatter-add of indexing [T, nH] rows
-            return table.t().index_select(1, self.relative_position_index.view(-1)).view(-1, n, n)
+            # cpb_mlp written out, for speed on CPU: fc1's weight as a row-major [2, 512] (its gradient is then a
+            # [2, T] x [T, 512] product; as [512, 2] it is a skinny one, ~10x slower), and fc2 computed
+            # head-major, [nH, T], so the gather reads contiguous rows and its backward is a row-wise index_add_
+            # (indexing rows of [T, nH] costs a serial scatter-add)
+            hidden = torch.addmm(fc1.bias, self.relative_coords_table.view(-1, 2), fc1.weight.t().contiguous())
+            table = 16 * torch.sigmoid(torch.mm(fc2.weight, hidden.relu_().t()))
+            return table.index_select(1, self.relative_position_index.view(-1)).view(-1, n, n)
 
     def forward(self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None) -> torch.Tensor:
         """x: [B*nW, N, C] windows of a batch, image-major; mask: a :class:`WindowMask`, an additive [nW, N, N]
