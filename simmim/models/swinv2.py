@@ -294,7 +294,7 @@ def cosine_window_attention(
         norms = torch.linalg.vector_norm(strided[:2], dim=-1, keepdim=True).to(scale.dtype).clamp_min_(1e-12)
         factors = norms.reciprocal()
         factors[0].mul_(scale)  # = F.normalize(q) * scale, F.normalize(k)
-        torch.mul(strided[:2], factors.to(heads.dtype), out=heads[:2])
+        torch.mul(strided[:2], _row_factors(factors, heads[:2]), out=heads[:2])
         heads[2].copy_(strided[2])
         q, k, v = (t.view(b, g, n, -1) for t in heads)
         attn = torch.empty(b, g, n, n, dtype=qkv.dtype)
@@ -345,7 +345,7 @@ def _cosine_window_attention_backward(
         grad_heads = torch.empty_like(heads)
         torch.matmul(attn.transpose(-2, -1), grad_out, out=grad_heads[2].view(b, g, n, hd))
         grad = torch.matmul(grad_out, v.transpose(-2, -1))
-        torch._softmax_backward_data(grad, attn, -1, attn.dtype, grad_input=grad)  # d logits, in place
+        _softmax_backward_(grad, attn)  # d logits
         # summed over groups by a matmul with ones: CPU sums over a leading dim are 2-20x slower for some shapes
         summed = grad[0] if b == 1 else torch.mm(grad.new_ones(1, b), grad.view(b, -1)).view(g, n, n)
         grad_bias = summed.to(_accumulation_dtype(grad.dtype))
@@ -359,9 +359,36 @@ def _cosine_window_attention_backward(
             a = torch.linalg.vecdot(hat, hat_grad).unsqueeze(-1).to(norm.dtype)
             if i == 0:
                 grad_scale = (a.sum((0, 2)) / scale.view(-1, 1)).view_as(scale)
-            coef = a.div_(temp * norm).masked_fill_(norm <= 1e-12, 0.0).to(hat.dtype)
-            torch.mul(hat_grad, (temp / norm).to(hat.dtype), out=grad_heads[i]).addcmul_(hat, coef, value=-1)
+            coef = _row_factors(a.div_(temp * norm).masked_fill_(norm <= 1e-12, 0.0), hat)
+            torch.mul(hat_grad, _row_factors(temp / norm, hat), out=grad_heads[i]).addcmul_(hat, coef, value=-1)
     return grad_heads.permute(1, 3, 0, 2, 4).reshape(bw, n, 3 * nh * hd), grad_scale, grad_bias
+
+
+def _row_factors(factors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row factors [..., 1] for an elementwise op with ``rows`` [..., hd], in its dtype. CPU kernels for
+    bfloat16/float16 do not vectorise rows shorter than a vector register against a broadcast factor (hd 24: ~8x
+    slower); for those the factors are written out at full size."""
+    factors = factors.to(rows.dtype)
+    if rows.dtype in (torch.bfloat16, torch.float16) and rows.shape[-1] < 32:
+        return factors.expand(rows.shape).contiguous()
+    return factors
+
+
+def _softmax_backward_(grad: torch.Tensor, probs: torch.Tensor) -> None:
+    """grad <- the gradient of the logits, in place. CPU kernels for bfloat16/float16 run a scalar loop over rows
+    shorter than a vector register (windows under 32 tokens: 4-7x slower than float32); those rows go through
+    float32 in cache-sized chunks."""
+    n = probs.shape[-1]
+    if probs.dtype not in (torch.bfloat16, torch.float16) or n >= 32:
+        torch._softmax_backward_data(grad, probs, -1, probs.dtype, grad_input=grad)
+        return
+    grad, probs = grad.view(-1, n), probs.view(-1, n)
+    rows = max(1, min(grad.shape[0], _SOFTMAX_CHUNK_BYTES // (8 * n)))
+    scratch = torch.empty(2, rows, n)
+    for i in range(0, grad.shape[0], rows):
+        j = min(grad.shape[0], i + rows)
+        g, p = scratch[0, : j - i].copy_(grad[i:j]), scratch[1, : j - i].copy_(probs[i:j])
+        grad[i:j].copy_(torch._softmax_backward_data(g, p, -1, torch.float32, grad_input=g))
 
 
 @_cosine_window_attention_backward.register_fake
