@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from simmim.models.simmim import build_simmim, masked_l1, norm_targets, upsample_mask
 
@@ -35,9 +36,21 @@ def test_norm_targets_matches_direct_per_pixel():
                 nb = x[0, c, max(0, i - 2) : i + 3, max(0, j - 2) : j + 3].flatten()  # in-image neighbours only
                 var = nb.var(unbiased=True)
                 expect[0, c, i, j] = (x[0, c, i, j] - nb.mean()) / (var + 1e-6).sqrt()
-    assert torch.allclose(t.double(), expect, atol=1e-4)
+    assert t.dtype == torch.float64 and torch.allclose(t, expect, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="must be odd"):
         norm_targets(x, 4)
+
+
+@pytest.mark.parametrize("k", [47, 15, 3])
+def test_norm_targets_equal_the_official_2d_pooling(k):
+    """Our separable box means give the official code's 2-D avg_pool2d formula, also where the neighbourhood is
+    larger than the image (47 px on 40 x 52)."""
+    x = torch.rand(2, 3, 40, 52, dtype=torch.float64)
+    mean = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+    var = F.avg_pool2d(x**2, k, 1, k // 2, count_include_pad=False) - mean**2
+    n = F.avg_pool2d(torch.ones_like(x), k, 1, k // 2, count_include_pad=True) * k**2
+    official = (x - mean) / (var * n / (n - 1)).clamp(min=0.0).add(1e-6).sqrt()
+    assert torch.allclose(norm_targets(x, k), official, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("norm_target", [False, True])

