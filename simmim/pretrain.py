@@ -294,8 +294,11 @@ def check_geometry(cfg: DictConfig) -> None:
             f"model.window_size={window} is larger than the first stage's {grid}x{grid} token grid "
             f"(img_size {img} / patch {patch}): every stage would attend globally; use window_size <= {grid}"
         )
-    if m.norm_target and int(m.norm_target_patch_size) % 2 != 1:
-        raise RecipeError(f"model.norm_target_patch_size={m.norm_target_patch_size} must be odd (official: 47)")
+    if m.norm_target and (int(m.norm_target_patch_size) % 2 != 1 or int(m.norm_target_patch_size) < 3):
+        raise RecipeError(
+            f"model.norm_target_patch_size={m.norm_target_patch_size} must be odd and at least 3 (a neighbourhood "
+            "with a variance; official: 47)"
+        )
     if cfg.memory not in ("manual", "auto"):
         raise RecipeError(f"memory={cfg.memory!r}: use manual (model.use_checkpoint, model.attn_chunk_size) or auto")
     if cfg.nan_policy not in ("auto", "stop", "skip"):

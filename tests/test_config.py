@@ -81,6 +81,7 @@ def test_unknown_trainer_argument():
         (["model.window_size=12"], "model.window_size=12 is larger than the first stage's 8x8 token grid"),
         (["model.name=swinv3"], "model.name='swinv3' is not a known model"),
         (["model.norm_target=true", "model.norm_target_patch_size=8"], "must be odd"),
+        (["model.norm_target=true", "model.norm_target_patch_size=1"], "at least 3"),
         (["nan_policy=ignore"], "nan_policy='ignore': use auto, stop or skip"),
     ],
 )

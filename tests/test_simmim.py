@@ -37,8 +37,9 @@ def test_norm_targets_matches_direct_per_pixel():
                 var = nb.var(unbiased=True)
                 expect[0, c, i, j] = (x[0, c, i, j] - nb.mean()) / (var + 1e-6).sqrt()
     assert t.dtype == torch.float64 and torch.allclose(t, expect, rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="must be odd"):
-        norm_targets(x, 4)
+    for bad in (4, 1):
+        with pytest.raises(ValueError, match="must be odd and at least 3"):
+            norm_targets(x, bad)
 
 
 @pytest.mark.parametrize("k", [47, 15, 3])

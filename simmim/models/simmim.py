@@ -47,8 +47,8 @@ def norm_targets(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalise each pixel by the mean and unbiased std of its ``patch_size`` neighbourhood (NORM_TARGET): the
     official formula (in-image neighbours only, as ``avg_pool2d(count_include_pad=False)``), in float32 at least."""
-    if patch_size % 2 != 1:
-        raise ValueError(f"norm target patch size must be odd, got {patch_size}")
+    if patch_size % 2 != 1 or patch_size < 3:
+        raise ValueError(f"norm target patch size must be odd and at least 3, got {patch_size}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     mean = _box_mean(x, patch_size)
     mean_sq = _box_mean(x**2, patch_size)
