@@ -106,6 +106,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xscale="log", xlabel="labelled training images (%)", ylabel="Imagenette val top-1 (%)", title=title)
     ax.set_xticks([10, 100], ["10", "100"])
+    ax.margins(x=0.12)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
