@@ -7,16 +7,17 @@ a value must keep the type of the recipe's value. Errors name the key and what t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["RecipeError", "recipes_dir", "available_recipes", "load_recipe", "save_recipe"]
+__all__ = ["RecipeError", "recipes_dir", "available_recipes", "load_recipe", "save_recipe", "cpu_threads"]
 
 
 class RecipeError(ValueError):
@@ -156,3 +157,22 @@ def save_recipe(cfg: DictConfig, path: str | Path) -> Path:
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: Any) -> Iterator[None]:
+    """The recipe's ``threads``: torch's CPU threads while the block runs (null: torch's default, untouched),
+    restored afterwards so an in-process run leaves the caller's setting as it was."""
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise RecipeError(f"threads={threads!r}: give a number of CPU threads >= 1, or null for torch's default")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
-from simmim.config import RecipeError, load_recipe, save_recipe
+from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule
 from simmim.distributed import make_trainer
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
@@ -259,6 +259,11 @@ def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run a resolved recipe; returns the final metrics (also written to ``<run dir>/metrics.json``)."""
+    with cpu_threads(cfg.get("threads")):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise RecipeError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
 from simmim.checkpoint import save_encoder
-from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
+from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
 from simmim.distributed import (
     full_state_dict,
     gather_rng_states,
@@ -469,6 +469,11 @@ def _knn_callback(cfg: DictConfig) -> pl.Callback:
 # ---- entry points ----------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Run a resolved recipe (see :func:`simmim.config.load_recipe`); returns paths and the final loss."""
+    with cpu_threads(cfg.get("threads")):
+        return _run(cfg, callbacks)
+
+
+def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     check_geometry(cfg)
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
