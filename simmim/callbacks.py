@@ -81,7 +81,7 @@ class NonFiniteGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # fused: one op per dtype
         if sharding_strategy(trainer.strategy) is not None:  # each process holds a shard of the gradients
             norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         bad_loss, self._bad_loss = self._bad_loss, None
