@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import statistics
 import time
@@ -26,6 +27,18 @@ def build_pair(name: str, img_size: int, window_size: int, num_classes: int = 10
     theirs = TimmSwinV2(**timm_kw, num_classes=num_classes)
     theirs.load_state_dict(official_to_timm(ours.state_dict()))
     return ours, theirs
+
+
+def step_arguments(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The command line shared by the training-step benchmarks: model geometry, batch and interleaved rounds
+    (default: SwinV2-T, 192 px, window 12, batch 8)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="swinv2_tiny")
+    ap.add_argument("--img-size", type=int, default=192)
+    ap.add_argument("--window", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median reported)")
+    return ap
 
 
 def keep_freed_memory() -> None:

@@ -14,7 +14,6 @@ over the measured peak of a large matmul in the same dtype on this machine.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -29,17 +28,13 @@ from benchmarks._common import (  # noqa: E402
     keep_freed_memory,
     make_train_step,
     matmul_peak,
+    step_arguments,
     step_flops,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="swinv2_tiny")
-    ap.add_argument("--img-size", type=int, default=192)
-    ap.add_argument("--window", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds (median reported)")
+    ap = step_arguments(__doc__, rounds=6)
     ap.add_argument("--steps", type=int, default=1, help="steps per model per round")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
