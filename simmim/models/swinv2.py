@@ -44,6 +44,9 @@ __all__ = [
 LOG_MAX_SCALE = math.log(100.0)  # logit_scale is clamped at log(1/0.01): temperature at most 100
 MASK_VALUE = -100.0  # the official shifted-window mask value (not -inf)
 _SOFTMAX_CHUNK_BYTES = 4 << 20  # CPU attention: float32 logits handled a few images at a time (fits the L3 cache)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# CPU kernels for half dtypes run a scalar loop over rows shorter than a vector register (32 values with AVX-512)
+_VECTOR_LANES = 32
 PAD_MASK_VALUE = -1e4  # padded keys: far below any cosine logit (|logit| <= 100 + 16)
 
 
@@ -219,7 +222,7 @@ class WindowAttention(nn.Module):
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """Half-precision tensors to float32 (float32 and float64 stay)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.float() if t.dtype in _HALF_DTYPES else t
 
 
 def _window_bias(pos_bias: torch.Tensor, mask: WindowMask | None, windows: torch.Tensor | None) -> torch.Tensor:
@@ -262,7 +265,7 @@ def _sdpa_attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, 
 #
 # Why: PyTorch's CPU SDPA takes its math path for a bias that needs a gradient (upcasting bfloat16), and the
 # autograd graph of the plain formulation makes many passes over the (windows, heads, N, N) tensors, several of
-# them strided. Here q, k, v are copied once to contiguous head-major layout and normalised in place (the
+# them strided. Here q, k, v are copied once to contiguous head-major layout, q and k normalised on the way (the
 # temperature folded into q, the factors computed in float32), logits come from one matmul per chunk, and bias add
 # and softmax run in float32 on a few images' logits at a time (cache-sized): under bf16 autocast the matmuls'
 # inputs and outputs are bfloat16 as in SDPA, the position bias (up to 16) and the softmax are not. Saved for
@@ -272,6 +275,31 @@ def _sdpa_attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def _row_factors(factors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row factors [..., 1] for an elementwise op with ``rows`` [..., hd], in its dtype; written out at full
+    size for short half-precision rows, which the broadcast kernels do not vectorise (hd 24: ~8x slower)."""
+    factors = factors.to(rows.dtype)
+    if rows.dtype in _HALF_DTYPES and rows.shape[-1] < _VECTOR_LANES:
+        return factors.expand(rows.shape).contiguous()
+    return factors
+
+
+def _softmax_backward_(grad: torch.Tensor, probs: torch.Tensor) -> None:
+    """grad <- the gradient of the logits, in place. Short half-precision rows (windows under 32 tokens: 4-7x
+    slower than float32) go through float32 in cache-sized chunks."""
+    n = probs.shape[-1]
+    if probs.dtype not in _HALF_DTYPES or n >= _VECTOR_LANES:
+        torch._softmax_backward_data(grad, probs, -1, probs.dtype, grad_input=grad)
+        return
+    grad, probs = grad.view(-1, n), probs.view(-1, n)
+    rows = max(1, min(grad.shape[0], _SOFTMAX_CHUNK_BYTES // (8 * n)))
+    scratch = torch.empty(2, rows, n)
+    for i in range(0, grad.shape[0], rows):
+        j = min(grad.shape[0], i + rows)
+        g, p = scratch[0, : j - i].copy_(grad[i:j]), scratch[1, : j - i].copy_(probs[i:j])
+        grad[i:j].copy_(torch._softmax_backward_data(g, p, -1, torch.float32, grad_input=g))
 
 
 # The op names carry a version: bump it whenever a fake kernel (output shapes, dtypes) changes, since torch.compile's
@@ -362,33 +390,6 @@ def _cosine_window_attention_backward(
             coef = _row_factors(a.div_(temp * norm).masked_fill_(norm <= 1e-12, 0.0), hat)
             torch.mul(hat_grad, _row_factors(temp / norm, hat), out=grad_heads[i]).addcmul_(hat, coef, value=-1)
     return grad_heads.permute(1, 3, 0, 2, 4).reshape(bw, n, 3 * nh * hd), grad_scale, grad_bias
-
-
-def _row_factors(factors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Per-row factors [..., 1] for an elementwise op with ``rows`` [..., hd], in its dtype. CPU kernels for
-    bfloat16/float16 do not vectorise rows shorter than a vector register against a broadcast factor (hd 24: ~8x
-    slower); for those the factors are written out at full size."""
-    factors = factors.to(rows.dtype)
-    if rows.dtype in (torch.bfloat16, torch.float16) and rows.shape[-1] < 32:
-        return factors.expand(rows.shape).contiguous()
-    return factors
-
-
-def _softmax_backward_(grad: torch.Tensor, probs: torch.Tensor) -> None:
-    """grad <- the gradient of the logits, in place. CPU kernels for bfloat16/float16 run a scalar loop over rows
-    shorter than a vector register (windows under 32 tokens: 4-7x slower than float32); those rows go through
-    float32 in cache-sized chunks."""
-    n = probs.shape[-1]
-    if probs.dtype not in (torch.bfloat16, torch.float16) or n >= 32:
-        torch._softmax_backward_data(grad, probs, -1, probs.dtype, grad_input=grad)
-        return
-    grad, probs = grad.view(-1, n), probs.view(-1, n)
-    rows = max(1, min(grad.shape[0], _SOFTMAX_CHUNK_BYTES // (8 * n)))
-    scratch = torch.empty(2, rows, n)
-    for i in range(0, grad.shape[0], rows):
-        j = min(grad.shape[0], i + rows)
-        g, p = scratch[0, : j - i].copy_(grad[i:j]), scratch[1, : j - i].copy_(probs[i:j])
-        grad[i:j].copy_(torch._softmax_backward_data(g, p, -1, torch.float32, grad_input=g))
 
 
 @_cosine_window_attention_backward.register_fake
