@@ -72,6 +72,17 @@ def make_train_step(
     return step
 
 
+def make_inference_step(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    """One forward pass in eval mode under ``torch.inference_mode`` (optionally bf16 autocast)."""
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+
+    return step
+
+
 def step_flops(step: Callable[[], None]) -> int:
     """Matrix FLOPs (mm, bmm, addmm, conv, attention) of one call of ``step``, counted by torch."""
     counter = FlopCounterMode(display=False)

@@ -5,8 +5,10 @@
     python benchmarks/encoder.py --threads 1 --clock cpu   # on a shared machine: immune to other processes
     python benchmarks/encoder.py --compile                 # both models torch.compile'd (minutes to compile)
     python benchmarks/encoder.py --keep-freed-memory       # glibc malloc tuned (timm's step is sensitive to it)
+    python benchmarks/encoder.py --inference --batch 1     # forward only (eval, inference_mode): latency
 
-One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step.
+One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step
+(with --inference: the forward pass alone, in eval mode under inference_mode).
 Rounds alternate the order of the two models so background load hits both alike; the table reports the
 median step. MFU = model FLOPs (matrix products counted by torch's FlopCounterMode on the timm step) per second
 over the measured peak of a large matmul in the same dtype on this machine.
@@ -26,6 +28,7 @@ from benchmarks._common import (  # noqa: E402
     build_pair,
     interleaved,
     keep_freed_memory,
+    make_inference_step,
     make_train_step,
     matmul_peak,
     step_arguments,
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time (use 1 thread)")
     ap.add_argument("--foreach-adamw", action="store_true", help="torch's default AdamW instead of fused=True")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (compile time reported apart)")
+    ap.add_argument("--inference", action="store_true", help="time the forward pass alone (eval, inference_mode)")
     ap.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc malloc keeps freed memory (no page faults per step)"
     )
@@ -58,15 +62,22 @@ def main(argv: list[str] | None = None) -> None:
     for name in dtypes:
         if name not in ("fp32", "bf16"):
             raise SystemExit(f"--dtypes: unknown dtype {name!r}; use fp32 and/or bf16")
+
+    def make_step(model: torch.nn.Module, bf16: bool):
+        if args.inference:
+            return make_inference_step(model, x, bf16)
+        return make_train_step(model, x, y, bf16, fused=fused)
+
     # FLOPs of the eager timm step, counted before any compilation
-    flops = {name: step_flops(make_train_step(theirs, x, y, name == "bf16", fused=fused)) for name in dtypes}
+    flops = {name: step_flops(make_step(theirs, name == "bf16")) for name in dtypes}
     if args.compile:
         ours.compile()
         theirs.compile()
     print(
         f"# {args.model} {args.img_size}px window {args.window} batch {args.batch}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"AdamW {'fused' if fused else 'foreach'}, {args.rounds} rounds x {args.steps} step(s), {args.clock} clock"
+        + ("inference (forward only)" if args.inference else f"training, AdamW {'fused' if fused else 'foreach'}")
+        + f", {args.rounds} rounds x {args.steps} step(s), {args.clock} clock"
         + (", both models torch.compile'd" if args.compile else "")
         + (", glibc malloc keeps freed memory" if args.keep_freed_memory else "")
     )
@@ -75,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in dtypes:
         bf16 = name == "bf16"
         steps = {
-            "ours": make_train_step(ours, x, y, bf16, fused=fused),
-            "timm": make_train_step(theirs, x, y, bf16, fused=fused),
+            "ours": make_step(ours, bf16),
+            "timm": make_step(theirs, bf16),
         }
         if args.compile:  # the first steps compile (and recompile under autocast): timed apart, not in the table
             for key, fn in steps.items():
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{mfu['ours']:.0%} | {mfu['timm']:.0%} | {peak / 1e9:.0f} |",
             flush=True,
         )
-    print(f"# model FLOPs per step (fwd+bwd matrix products): {flops[dtypes[0]] / 1e9:.1f} GFLOP")
+    kind = "fwd" if args.inference else "fwd+bwd"
+    print(f"# model FLOPs per step ({kind} matrix products): {flops[dtypes[0]] / 1e9:.1f} GFLOP")
 
 
 if __name__ == "__main__":
