@@ -35,8 +35,8 @@ All the logic lives in `simmim.visualize`; the cells only call it. Every figure 
 
 `CHECKPOINT = None` pretrains the quickstart model (SwinV2-nano on 32-px Fashion-MNIST) for `PRETRAIN_STEPS`
 steps first. The default is short so the notebook runs in CI in a couple of minutes; the model then only
-predicts a blurry average garment. Use `PRETRAIN_STEPS = 300` (the whole quickstart, a few minutes on a laptop)
-or point `CHECKPOINT` at `runs/<recipe>/<name>/checkpoints/last.ckpt` of your own run to see real
+predicts a blurry average garment. Use `PRETRAIN_STEPS = 1000` (the whole quickstart epoch, ~930 steps, about a
+minute on 2 CPU cores) or point `CHECKPOINT` at `runs/<recipe>/<name>/checkpoints/last.ckpt` of your own run to see real
 reconstructions. `IMAGES` (files or folders) replaces the checkpoint's own validation images.""",
     ),
     (

@@ -10,11 +10,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from simmim.checkpoint import atomic_torch_save
 from simmim.distributed import sharding_strategy
 
-__all__ = ["AtomicCheckpointIO", "latest_checkpoint", "NonFiniteError", "NonFiniteGuard"]
+__all__ = ["AtomicCheckpointIO", "latest_checkpoint", "NonFiniteError", "NonFiniteGuard", "ProgressBar"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -116,3 +117,13 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar with learning rates in scientific notation (its fixed 3 decimals show 4e-5 as 0.000) and
+    without the logger version (``v_num``), which means nothing here: each launch logs to its own folder."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {k: f"{v:.2e}" if k.split("/")[-1] == "lr" and isinstance(v, float) else v for k, v in items.items()}

@@ -21,6 +21,7 @@ from simmim.models.convert import clean_official, detect_layout, hf_to_official,
 
 __all__ = [
     "atomic_torch_save",
+    "remove_stale_temporaries",
     "save_encoder",
     "load_encoder",
     "CheckpointError",
@@ -31,11 +32,36 @@ __all__ = [
 ]
 
 
+def _temporary(path: Path) -> Path:
+    """Where a save to ``path`` writes before the rename: ``.NAME.tmpPID`` (the pid tells whose it is)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that saves killed mid-write left in ``folder`` (those of processes no longer
+    running on this machine); returns them. A run calls this on its folders at start."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*") if Path(folder).is_dir() else []:
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live process's save in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -54,7 +80,7 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path: str | Path, confi
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         save_file(tensors, str(tmp), metadata={"format": "simmim-swinv2-encoder", "config": json.dumps(dict(config))})
         os.replace(tmp, path)
@@ -244,6 +270,11 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if tensors:
         return tensors, "state_dict"
+    if not obj:  # e.g. a whole pickled nn.Module: the safe loader keeps none of it
+        raise CheckpointError(
+            f"{path} holds nothing the safe loader can read (a whole pickled model?): save model.state_dict() "
+            "instead, or pass trust_checkpoint=true if you trust the file's source"
+        )
     raise CheckpointError(
         f"{path} has no state dict (top-level keys: {', '.join(map(str, list(obj)[:10]))}); expected 'state_dict' "
         "(Lightning), 'model' (official) or a plain name -> tensor mapping"
@@ -338,9 +369,11 @@ def read_pretrained(path: str | Path, trust_checkpoint: bool = False) -> Pretrai
 def _likely_cause(key: str, src: torch.Tensor, dst: torch.Tensor, weights: PretrainedWeights, model: Any) -> str:
     ckpt_dim = weights.state_dict.get("patch_embed.proj.weight")
     if ckpt_dim is not None and ckpt_dim.shape[0] != model.embed_dim:
+        trained = weights.config.get("model")  # our files carry their model's name
         return (
             f"the checkpoint's embed_dim is {ckpt_dim.shape[0]} and the model's {model.embed_dim}: a different model "
             "size; pick the model the weights were trained with"
+            + (f" (model.name={trained})" if isinstance(trained, str) else "")
         )
     if key.endswith(("logit_scale", "cpb_mlp.2.weight")):
         return "a different number of attention heads: pick the model the weights were trained with"

@@ -81,10 +81,36 @@ def _check_type(key: str, old: Any, new: Any) -> None:
     elif isinstance(old, (list, ListConfig)):
         ok = isinstance(new, (list, ListConfig))
     if not ok:
-        raise RecipeError(
-            f"{key}={new!r} has the wrong type: the recipe's value is {old!r} ({type(old).__name__}); "
-            f"give a {type(old).__name__}"
-        )
+        raise RecipeError(f"{key}={new!r} has the wrong type: the recipe's value is {old!r}; give {_kind(old)}")
+
+
+def _kind(value: Any) -> str:
+    for t, words in ((bool, "true or false"), (int, "a whole number"), (float, "a number"), (str, "text")):
+        if isinstance(value, t):
+            return words
+    return "a list, e.g. [1, 2]" if isinstance(value, (list, ListConfig)) else type(value).__name__
+
+
+# Lower bounds of numeric keys (where a recipe has them), checked after the overrides: (minimum, what it means).
+_MINIMA = {
+    "data.batch_size": (1, "images per device and step"),
+    "data.num_workers": (0, "0 loads in the main process"),
+    "data.max_bad_files": (0, "0 stops at the first unreadable image"),
+    "checkpoint.every_n_steps": (0, "0 saves only last.ckpt at the end"),
+    "schedule.warmup_epochs": (0, "0: no warmup"),
+    "reconstructions": (0, "0: no reconstructions.png"),
+    "visualize_every_n_steps": (0, "0: no grids during training"),
+}
+
+
+def _check_minima(cfg: DictConfig) -> None:
+    for key, (low, meaning) in _MINIMA.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise RecipeError(f"{key}={value} must be >= {low} ({meaning})")
+    epochs = OmegaConf.select(cfg, "schedule.epochs")
+    if isinstance(epochs, (int, float)) and epochs <= 0:
+        raise RecipeError(f"schedule.epochs={epochs} must be > 0 (fractions allowed)")
 
 
 def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -145,6 +171,7 @@ def load_recipe(kind: str, args: Sequence[str], default: str = "quickstart") -> 
                 old = OmegaConf.to_container(old)
             _check_type(key, old, new)
         OmegaConf.update(cfg, key, new, merge=False, force_add=True)
+    _check_minima(cfg)
     cfg.recipe = name
     return cfg
 

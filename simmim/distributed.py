@@ -92,7 +92,11 @@ def make_trainer(**kwargs: Any) -> pl.Trainer:
     refusals (fsdp without a GPU, a misspelt argument, ...) turned into one-line :class:`RecipeError`s."""
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
+    from simmim.callbacks import ProgressBar
+
     kwargs["strategy"] = build_strategy(kwargs.get("strategy", "auto"))
+    if kwargs.get("enable_progress_bar", True):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), ProgressBar()]
     try:
         return pl.Trainer(**kwargs)
     except (ValueError, TypeError, MisconfigurationException) as e:

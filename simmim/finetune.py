@@ -25,13 +25,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
+from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained, remove_stale_temporaries
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
-from simmim.data import ClassificationDataModule
+from simmim.data import ClassificationDataModule, DataError
 from simmim.distributed import make_trainer
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
 from simmim.models.swinv2 import SwinTransformerV2, compile_model, create_model
-from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
+from simmim.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_scheduler,
+    check_max_steps,
+    clip_gradients,
+    fused_adamw_ok,
+    run_length,
+    scale_lr,
+)
 
 __all__ = ["FinetuneModule", "run", "main"]
 
@@ -69,6 +78,8 @@ class FinetuneModule(pl.LightningModule):
         label_smoothing: float = 0.1,
         class_names: Sequence[str] | None = None,
         seed: int = 0,
+        epochs: float | None = None,
+        steps: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("finetune", "linear_probe"):
@@ -180,8 +191,14 @@ class FinetuneModule(pl.LightningModule):
             raise ValueError("fine-tuning uses AdamW (optim.name=adamw); sgd is for mode=linear_probe")
         else:
             opt = build_optimizer(self.model, lr, hp.weight_decay, hp.layer_decay, fused=fused_adamw_ok(self.trainer))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        epochs = hp.epochs or max(1, self.trainer.max_epochs)
+        if hp.steps:  # the run's length in steps: the schedule laid over it in its proportions
+            steps_per_epoch = hp.steps / epochs
+        else:
+            self.trainer.fit_loop.setup_data()  # sizes the train loader, also under max_steps
+            steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        total = max(1, round(epochs * steps_per_epoch))
+        check_max_steps(self.trainer.max_steps, total, epochs)
         schedule = LRSchedule(total, int(hp.warmup_epochs * steps_per_epoch), warmup_lr, min_lr, "cosine")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": build_scheduler(opt, schedule), "interval": "step"}}
 
@@ -249,7 +266,7 @@ def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
     report = load_pretrained(model, cfg.pretrained, trust_checkpoint=cfg.trust_checkpoint)
     print(report)
     dm = _data_module(cfg)
-    dm.setup("fit")
+    dm.setup("validate")
     bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
     result = knn_evaluate(
         model, dm.train_eval_dataloader(), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
@@ -274,9 +291,17 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
     windows = weights.window_sizes if weights is not None else None
     run_dir = _run_dir(cfg)
+    earlier = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    if earlier:  # a new run would overwrite them
+        raise RecipeError(
+            f"run folder {run_dir} already holds checkpoints of an earlier fine-tuning run ({', '.join(earlier[:3])}"
+            f"{', ...' if len(earlier) > 3 else ''}): give another run_dir (or name), or delete that folder"
+        )
+    for folder in (run_dir, run_dir / "checkpoints"):  # what saves killed mid-write left behind
+        remove_stale_temporaries(folder)
     save_recipe(cfg, run_dir / "recipe.yaml")
     if cfg.mode == "knn":
-        metrics = {**_run_knn(cfg, windows), "seconds": time.perf_counter() - start}
+        metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}
         _write_json(metrics, run_dir / "metrics.json")
         return metrics
     if cfg.mode == "linear_probe" and weights is None:
@@ -288,7 +313,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.name, dm.num_classes, _model_kwargs(cfg, windows), cfg.mode, cfg.data.batch_size,
         o.lr, o.warmup_lr, o.min_lr, o.weight_decay, o.layer_decay, cfg.schedule.warmup_epochs, o.name, o.momentum,
         m.mixup_alpha, m.cutmix_alpha, m.switch_prob, m.prob, m.label_smoothing, dm.class_names,
-        cfg.seed,
+        cfg.seed, cfg.schedule.epochs, cfg.schedule.get("steps"),
     )  # fmt: skip
     if cfg.compile:
         try:
@@ -311,8 +336,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     )
     logs = run_dir / "logs"
     version = f"version_{sum(1 for p in logs.glob('version_*'))}"  # one folder per launch
+    trainer_kw["max_epochs"], trainer_kw["max_steps"] = run_length(
+        cfg.schedule.epochs, cfg.schedule.get("steps"), trainer_kw.get("max_steps")
+    )
     trainer = make_trainer(
-        max_epochs=int(math.ceil(cfg.schedule.epochs)),
         default_root_dir=run_dir,
         logger=[
             TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
@@ -330,6 +357,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         "mode": cfg.mode,
         "recipe": cfg.recipe,
+        "run_dir": str(run_dir),
         "pretrained": cfg.pretrained,
         "best_checkpoint": best,
         "best_val_top1": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
@@ -354,7 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_recipe("finetune", argv, default="quickstart")
         metrics = run(cfg)
-    except (RecipeError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except DataError as e:  # found while training (possibly in a loader worker): its one-line summary
+        print(f"error: {e.summary}", file=sys.stderr)
+        return 2
+    except (RecipeError, CheckpointError, OSError, ValueError) as e:  # OSError: a missing root or file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "load_report")}, indent=2))

@@ -38,6 +38,8 @@ __all__ = [
     "scale_lr",
     "LRSchedule",
     "build_scheduler",
+    "check_max_steps",
+    "run_length",
 ]
 
 
@@ -169,6 +171,27 @@ def scale_lr(lr_per_512: float, total_batch: int) -> float:
     """Linear scaling rule of the official code: ``lr * total_batch / 512``, where total_batch =
     batch per device * devices * nodes * gradient accumulation steps."""
     return lr_per_512 * total_batch / 512.0
+
+
+def run_length(epochs: float, steps: int | None, max_steps: int | None) -> tuple[int, int]:
+    """Lightning's ``(max_epochs, max_steps)`` for a run of ``schedule.steps`` optimizer steps when given (epochs then
+    unlimited), else of ``schedule.epochs`` (rounded up); ``trainer.max_steps`` > 0 only stops it earlier."""
+    max_steps = max_steps if max_steps is not None and max_steps > 0 else -1
+    if steps:
+        return -1, max_steps if max_steps > 0 else int(steps)
+    return int(math.ceil(epochs)), max_steps
+
+
+def check_max_steps(max_steps: int, total: int, epochs: float) -> None:
+    """``trainer.max_steps`` stops a run early; past the schedule's end it would be cut off there: refuse it."""
+    from simmim.config import RecipeError
+
+    if max_steps > total:
+        raise RecipeError(
+            f"trainer.max_steps={max_steps} is more than the {total} optimizer steps of the lr schedule "
+            f"(schedule.epochs={epochs}): trainer.max_steps only stops a run early; set schedule.steps={max_steps} "
+            f"for a run (and schedule) of {max_steps} steps"
+        )
 
 
 @dataclass(frozen=True)

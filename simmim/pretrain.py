@@ -14,7 +14,6 @@ data.batch_size=32 trainer.max_steps=100``; ``resume=auto run_dir=PATH`` continu
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -30,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
-from simmim.checkpoint import save_encoder
+from simmim.checkpoint import CheckpointError, remove_stale_temporaries, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
+from simmim.data import DataError
 from simmim.distributed import (
     full_state_dict,
     gather_rng_states,
@@ -45,7 +45,16 @@ from simmim.distributed import (
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import MODEL_CONFIGS, compile_model
-from simmim.optim import LRSchedule, build_optimizer, build_scheduler, clip_gradients, fused_adamw_ok, scale_lr
+from simmim.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_scheduler,
+    check_max_steps,
+    clip_gradients,
+    fused_adamw_ok,
+    run_length,
+    scale_lr,
+)
 
 __all__ = ["SimMIMPretrainModule", "model_config", "check_geometry", "run", "main"]
 
@@ -199,7 +208,10 @@ class SimMIMPretrainModule(pl.LightningModule):
         )
         if o.get("zero"):
             optimizer = shard_optimizer(optimizer, self.trainer)
-        per_epoch = self.steps_per_epoch()
+        per_epoch: float = self.steps_per_epoch()
+        if s.get("steps"):  # the run's length in steps: the schedule laid over it in its proportions
+            per_epoch = s["steps"] / s["epochs"]
+        check_max_steps(self.trainer.max_steps, round(s["epochs"] * per_epoch), s["epochs"])
         schedule = LRSchedule(
             total_steps=round(s["epochs"] * per_epoch),
             warmup_steps=round(s["warmup_epochs"] * per_epoch),
@@ -312,16 +324,19 @@ def build_module(cfg: DictConfig) -> SimMIMPretrainModule:
     name = m.pop("name")
     norm_target, nt_patch = m.pop("norm_target"), m.pop("norm_target_patch_size")
     init_from = m.pop("init_from", None)
-    return SimMIMPretrainModule(
-        model=name,
-        model_kwargs=m,
-        norm_target=norm_target,
-        norm_target_patch_size=nt_patch,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
-        batch_size=cfg.data.batch_size,
-        init_from=init_from,
-    )
+    try:
+        return SimMIMPretrainModule(
+            model=name,
+            model_kwargs=m,
+            norm_target=norm_target,
+            norm_target_patch_size=nt_patch,
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+            batch_size=cfg.data.batch_size,
+            init_from=init_from,
+        )
+    except CheckpointError as e:
+        raise RecipeError(f"model.init_from={init_from}: {e}") from e
 
 
 def build_datamodule(cfg: DictConfig, patch_size: int) -> pl.LightningDataModule:
@@ -347,7 +362,15 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to continue from (None: a new run, refused where the folder holds an earlier run's)."""
     if not cfg.resume:
+        earlier = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+        if earlier:  # a new run would overwrite last.ckpt and mix its step checkpoints with the old ones
+            listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise RecipeError(
+                f"run folder {ckpt_dir.parent} already holds checkpoints of an earlier run ({listed}): pass "
+                "resume=auto to continue it, or give another run_dir (or name) for a new run"
+            )
         return None
     if cfg.resume == "auto":
         if not cfg.run_dir and not cfg.name:
@@ -385,8 +408,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
         TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
         CSVLogger(logs, name=version, version="csv"),  # logs/version_N/csv/metrics.csv
     ]
+    targs["max_epochs"], targs["max_steps"] = run_length(
+        cfg.schedule.epochs, cfg.schedule.get("steps"), targs.get("max_steps")
+    )
     return make_trainer(
-        max_epochs=int(math.ceil(cfg.schedule.epochs)),
         default_root_dir=run_dir,
         logger=loggers,
         callbacks=[ckpt, NonFiniteGuard(cfg.nan_policy), *callbacks],
@@ -478,6 +503,8 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
     resume = resolve_resume(cfg, ckpt_dir)
+    for folder in (run_dir, ckpt_dir):  # what saves killed mid-write left behind
+        remove_stale_temporaries(folder)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:  # bad paths, empty folders, impossible model sizes: one clear line from the CLI, not a traceback
         module = build_module(cfg)
@@ -542,6 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(cfg)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # found while training (possibly in a loader worker): its one-line summary
+        print(f"error: {e.summary}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, BadImageError, eval_transform, open_image
+from simmim.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMG_EXTENSIONS,
+    BadImageError,
+    BadImageWarning,
+    eval_transform,
+    open_image,
+)
 from simmim.data.images import is_image_file
 from simmim.masking import MaskGenerator
 from simmim.models.simmim import SimMIM, masked_l1, norm_targets, upsample_mask
@@ -607,9 +616,13 @@ def load_images(
     img_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    max_images: int | None = None,
 ) -> tuple[torch.Tensor, list[Path]]:
     """Image files, or folders searched recursively for images, resized (shorter side) and centre-cropped to
-    ``img_size`` and normalised: ([N, 3, img_size, img_size], the files in order)."""
+    ``img_size`` and normalised: ([N, 3, img_size, img_size], the files in order), at most ``max_images``.
+
+    Unreadable files are skipped with a ``BadImageWarning``, as pretraining does; ``VisualizeError`` only when
+    no readable image is left."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -622,11 +635,30 @@ def load_images(
         else:
             raise VisualizeError(f"image {p} does not exist")
     transform = eval_transform(img_size, resize_ratio=1.0, mean=mean, std=std)
-    try:
-        images = [transform(image=np.asarray(open_image(f)))["image"] for f in files]
-    except BadImageError as e:
-        raise VisualizeError(str(e)) from e
-    return torch.stack(images), files
+    images: list[torch.Tensor] = []
+    used: list[Path] = []
+    bad: list[BadImageError] = []
+    for f in files:
+        if max_images is not None and len(images) >= max_images:
+            break  # read no more than shown: a large folder stays quick
+        try:
+            image = open_image(f)
+        except BadImageError as e:
+            bad.append(e)
+            continue
+        images.append(transform(image=np.asarray(image))["image"])
+        used.append(f)
+    reasons = [(e.path, " ".join(e.reason.split())) for e in bad]  # one line each: the CLI prints lines
+    if not images:
+        if len(bad) == 1:
+            raise VisualizeError(f"cannot read image {reasons[0][0]}: {reasons[0][1]}")
+        few = "; ".join(f"{path} ({reason})" for path, reason in reasons[:3]) + (" ..." if len(bad) > 3 else "")
+        raise VisualizeError(
+            f"cannot read images: none of the {len(bad)} image files is readable ({few}): fix or replace them"
+        )
+    for path, reason in reasons:
+        warnings.warn(f"skipping unreadable image {path}: {reason}", BadImageWarning, stacklevel=2)
+    return torch.stack(images), used
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -645,12 +677,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=16, help="at most this many images (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
+        for flag, value in (("--max-images", args.max_images), ("--img-size", args.img_size)):
+            if value is not None and value < 1:
+                raise VisualizeError(f"{flag} must be >= 1, got {value}")
         model, info = load_simmim(args.checkpoint)
-        img_size = args.img_size or info.get("img_size") or 192
+        img_size, mask_patch_size, mask_ratio = _geometry(args, info, model.patch_size)
         mean, std = info.get("mean", IMAGENET_MEAN), info.get("std", IMAGENET_STD)
-        images, files = load_images(args.images, img_size, mean, std)
-        images = images[: args.max_images]
-        names = ", ".join(f.name for f in files[: len(images)])
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always", BadImageWarning)
+            try:
+                images, files = load_images(args.images, img_size, mean, std, args.max_images)
+            finally:  # one "warning:" line per skipped file, like the "error:" line, not a warnings traceback
+                for w in skipped:
+                    print(f"warning: {w.message}", file=sys.stderr)
+        names = ", ".join(f.name for f in files)
         save_reconstruction_grid(
             model,
             images,
@@ -659,15 +699,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             mean,
             std,
             title=f"{Path(args.checkpoint).name}: {names}",
-            mask_patch_size=args.mask_patch_size or info.get("mask_patch_size", 32),
-            mask_ratio=args.mask_ratio or info.get("mask_ratio", 0.6),
+            mask_patch_size=mask_patch_size,
+            mask_ratio=mask_ratio,
             seed=args.seed,
         )
-    except ValueError as e:  # VisualizeError, MaskGenerator's geometry errors, shape errors
+    except ValueError as e:  # VisualizeError, shape errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({len(images)} images, {img_size} px)")
     return 0
+
+
+def _geometry(args: argparse.Namespace, info: dict[str, Any], patch_size: int) -> tuple[int, int, float]:
+    """(img_size, mask_patch_size, mask_ratio) from the flags, else the checkpoint; errors name the flags
+    (MaskGenerator's own would name its arguments, which the user never typed)."""
+
+    def shown(flag: str, value: Any) -> str:
+        given = getattr(args, flag[2:].replace("-", "_")) is not None
+        return f"{flag} {value}" + ("" if given else " (the checkpoint's)")
+
+    img_size = args.img_size if args.img_size is not None else info.get("img_size") or 192
+    mask_patch_size = args.mask_patch_size if args.mask_patch_size is not None else info.get("mask_patch_size", 32)
+    mask_ratio = args.mask_ratio if args.mask_ratio is not None else info.get("mask_ratio", 0.6)
+    if mask_patch_size < 1:
+        raise VisualizeError(f"{shown('--mask-patch-size', mask_patch_size)} must be >= 1")
+    if not 0.0 < mask_ratio < 1.0:
+        raise VisualizeError(f"{shown('--mask-ratio', mask_ratio)} must lie strictly between 0 and 1, e.g. 0.6")
+    if img_size % mask_patch_size:
+        raise VisualizeError(
+            f"{shown('--img-size', img_size)} is not divisible by {shown('--mask-patch-size', mask_patch_size)}: "
+            f"pass an --img-size that is a multiple of {mask_patch_size}, or another --mask-patch-size"
+        )
+    if mask_patch_size % patch_size:
+        raise VisualizeError(
+            f"{shown('--mask-patch-size', mask_patch_size)} is not divisible by the model's patch size "
+            f"{patch_size}: pass a --mask-patch-size that is a multiple of {patch_size}"
+        )
+    return img_size, mask_patch_size, mask_ratio
 
 
 if __name__ == "__main__":

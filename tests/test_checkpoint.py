@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 import types
 
 import pytest
 import torch
 
-from simmim.checkpoint import CheckpointError, atomic_torch_save, load_pretrained, read_pretrained, save_encoder
+from simmim.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    load_pretrained,
+    read_pretrained,
+    remove_stale_temporaries,
+    save_encoder,
+)
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import SwinTransformerV2
 
@@ -258,6 +267,10 @@ def test_mismatched_model_size(tmp_path):
         load_pretrained(deeper, path)
     report = load_pretrained(deeper, path, strict_shapes=False)
     assert "layers.2.blocks.3.attn.qkv.weight" in report.missing
+    # an exported encoder knows its model: the message names it
+    save_encoder(ours().state_dict(), tmp_path / "nano.safetensors", {"model": "swinv2_nano"})
+    with pytest.raises(CheckpointError, match=r"embed_dim is 16 .*\(model.name=swinv2_nano\)"):
+        load_pretrained(bigger, tmp_path / "nano.safetensors")
 
 
 def test_untrusted_objects_are_not_executed(tmp_path):
@@ -269,3 +282,25 @@ def test_untrusted_objects_are_not_executed(tmp_path):
     torch.save({"model": ours().state_dict(), "payload": Evil()}, path)
     with pytest.raises(CheckpointError, match="trust_checkpoint=True"):
         load_pretrained(ours(), path)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f".last.ckpt.tmp{dead.stdout.strip()}", f".a.ckpt.tmp{alive.pid}", f".b.ckpt.tmp{os.getpid()}"]
+        for name in [*names, "last.ckpt", ".notes.tmpX"]:
+            (tmp_path / name).write_bytes(b"x")
+        assert remove_stale_temporaries(tmp_path) == [tmp_path / names[0]]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], "last.ckpt", ".notes.tmpX"])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_pickled_module_is_explained(tmp_path):
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "module.pt")
+    with pytest.raises(CheckpointError, match=r"module.pt holds nothing the safe loader can read .*state_dict\(\)"):
+        read_pretrained(tmp_path / "module.pt")
+    with pytest.raises(CheckpointError, match=r"holds a Linear, not a state dict"):
+        read_pretrained(tmp_path / "module.pt", trust_checkpoint=True)

@@ -54,10 +54,26 @@ def test_unknown_key_suggests():
 
 
 def test_wrong_type_names_key_and_type():
-    with pytest.raises(RecipeError, match=r"data.batch_size='big' has the wrong type.*give a int"):
+    with pytest.raises(RecipeError, match=r"data.batch_size='big' has the wrong type.*give a whole number"):
         load_recipe("pretrain", ["data.batch_size=big"])
-    with pytest.raises(RecipeError, match=r"model.norm_target=3 has the wrong type"):
+    with pytest.raises(RecipeError, match=r"model.norm_target=3 has the wrong type.*give true or false"):
         load_recipe("pretrain", ["model.norm_target=3"])
+
+
+@pytest.mark.parametrize(
+    "kind, arg, match",
+    [
+        ("pretrain", "data.batch_size=0", r"data.batch_size=0 must be >= 1"),
+        ("finetune", "data.batch_size=-4", r"data.batch_size=-4 must be >= 1"),
+        ("pretrain", "checkpoint.every_n_steps=-1", r"checkpoint.every_n_steps=-1 must be >= 0 \(0 saves only"),
+        ("pretrain", "data.num_workers=-1", r"data.num_workers=-1 must be >= 0"),
+        ("finetune", "schedule.epochs=0", r"schedule.epochs=0 must be > 0"),
+    ],
+)
+def test_out_of_range_values_are_refused(kind, arg, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(kind, [arg])
+    load_recipe(kind, [arg.split("=")[0] + "=2"])  # an in-range value of the same key passes
 
 
 def test_missing_recipe_lists_available():

@@ -6,7 +6,11 @@ import contextlib
 import gzip
 import io
 import math
+import re
 import struct
+import subprocess
+import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import quiet_trainer
+from conftest import quiet_trainer, write_images
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -22,6 +26,7 @@ from simmim.data import (
     BadImageError,
     BadImageWarning,
     ClassificationDataModule,
+    DataError,
     EpochSampler,
     FashionMNIST,
     ImageFiles,
@@ -231,7 +236,7 @@ def test_read_idx_and_fashion_mnist_layout(tmp_path, monkeypatch):
         read_idx(tmp_path / "bad")
     monkeypatch.setattr(datasets_module, "FASHION_MNIST_DIRS", (tmp_path / "cache",))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        FashionMNIST(tmp_path / "elsewhere")
+        FashionMNIST()
 
 
 def test_real_fashion_mnist_files():
@@ -288,8 +293,8 @@ def test_too_many_bad_files_is_an_error_naming_them(tmp_path):
     with pytest.warns(BadImageWarning), pytest.raises(TooManyBadFilesError) as info:
         for _ in _every_sample(dm.train_set):
             pass
-    assert "3 unreadable image files, more than max_bad_files=2" in str(info.value)
-    assert str(tmp_path / "data") in str(info.value)
+    assert "3 unreadable image files (of 7), more than data.max_bad_files=2" in str(info.value)
+    assert str(tmp_path / "data") in str(info.value) and "raise data.max_bad_files" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- masks & seeds
@@ -431,3 +436,238 @@ def test_classification_fashion_mnist(tmp_path):
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     grey = test["image"] * std[:, None, None] + mean[:, None, None]  # undo the ImageNet normalisation
     assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- user-given roots
+# The real Fashion-MNIST files are installed in /usr/share/datasets/fashion-mnist (test_real_fashion_mnist_files):
+# any fallback to them would be found here, so these tests see it.
+
+
+def _fashion_idx(folder: Path, n: int = 12) -> Path:
+    """A small Fashion-MNIST layout: the four idx files, ``n`` training and ``n // 2`` test images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (n, 28, 28)), np.arange(n) % 10
+    for split, k in (("train", n), ("t10k", n // 2)):
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images[:k])
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels[:k])
+    return folder
+
+
+def _imagenette(root: Path, train: int = 6, val: int = 3) -> Path:
+    """Imagenette's layout: root/{train,val}/<class>/*.png."""
+    for s, (split, n) in enumerate((("train", train), ("val", val))):
+        for c, cls in enumerate(("n01440764", "n02102040")):
+            write_images(root / split / cls, n, seed=10 * s + c)
+    return root
+
+
+def test_given_root_is_never_swapped_for_the_default_fashion_mnist(tmp_path):
+    images = write_images(tmp_path / "images", 4)
+    cases = ((images, "holds none of the Fashion-MNIST idx files"), (tmp_path / "nowhere", "does not exist"))
+    for root, what in cases:
+        with pytest.raises(FileNotFoundError, match=re.escape(f"data.root={root} {what}")) as info:
+            _pretrain(root, source="fashion_mnist")
+        assert "data.source=auto" in str(info.value) or "data.root=null" in str(info.value)
+        with pytest.raises(FileNotFoundError, match=re.escape(f"data.root={root} {what}")):
+            ClassificationDataModule(root, "fashion_mnist", img_size=32, num_workers=0)
+    assert "data.source=auto (or folder" in str(pytest.raises(FileNotFoundError, FashionMNIST, images).value)
+
+
+def test_auto_source_reads_idx_folders_as_fashion_mnist_and_image_folders_as_images(tmp_path):
+    idx = _fashion_idx(tmp_path / "fmnist")
+    assert detect_source(idx) == "fashion_mnist"
+    dm = _pretrain(idx, val_fraction=0.25)
+    assert isinstance(dm.source, FashionMNIST) and dm.source.folder == idx and len(dm.source) == 12
+    assert isinstance(_pretrain(write_images(tmp_path / "images", 6)).source, ImageFiles)
+    (idx / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds not all Fashion-MNIST idx files \(missing: t10k-labels"):
+        _pretrain(idx)
+
+
+def test_pretrain_quickstart_trains_on_the_given_root_else_fashion_mnist(tmp_path):
+    from simmim.config import load_recipe
+    from simmim.pretrain import build_datamodule
+
+    images = write_images(tmp_path / "unlabeled", 100)  # the README's command, as typed: recipe=quickstart data.root=
+    dm = build_datamodule(load_recipe("pretrain", ["recipe=quickstart", f"data.root={images}"]), 4)
+    assert isinstance(dm.source, ImageFiles) and len(dm.source) == 100 and len(dm.val_indices) == 1
+    assert {Path(dm.source.name(i)).parent for i in range(100)} == {images}
+    default = build_datamodule(load_recipe("pretrain", []), 4)  # unchanged: Fashion-MNIST from the Debian package
+    assert isinstance(default.source, FashionMNIST)
+    assert default.source.folder == Path("/usr/share/datasets/fashion-mnist") and len(default.source) == 60_000
+    assert len(default.val_indices) == 600
+
+
+@pytest.mark.parametrize("root", ["nowhere", "empty"])
+def test_pretrain_cli_fails_on_a_missing_or_empty_root(tmp_path, capsys, root):
+    from simmim.pretrain import main
+
+    (tmp_path / "empty").mkdir()
+    args = [f"data.root={tmp_path / root}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1", "reconstructions=0"]
+    assert main(["recipe=quickstart", *args, "visualize_every_n_steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / root) in err, err
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "imagenette_cpu", "knn", "linear_probe"])
+def test_finetune_recipes_read_the_given_root(tmp_path, recipe):
+    from omegaconf import OmegaConf
+
+    from simmim.config import load_recipe
+
+    def datamodule(root: Path) -> ClassificationDataModule:  # as simmim.finetune builds it
+        cfg = load_recipe("finetune", [f"recipe={recipe}", f"data.root={root}", "data.num_workers=0"])
+        return ClassificationDataModule(**OmegaConf.to_container(cfg.data), img_size=cfg.model.img_size, seed=0)
+
+    idx = _fashion_idx(tmp_path / "fmnist")
+    dm = datamodule(idx)
+    assert isinstance(dm.source, FashionMNIST) and dm.source.folder == idx and dm.val_source.folder == idx
+    tree = _imagenette(tmp_path / "tree")
+    dm = datamodule(tree)
+    assert {Path(dm.source.name(i)).parents[1] for i in range(len(dm.source))} == {tree / "train"}
+    assert {Path(dm.val_source.name(i)).parents[1] for i in range(len(dm.val_source))} == {tree / "val"}
+
+
+def test_pretrain_validation_follows_the_root(tmp_path):
+    from simmim.config import load_recipe
+    from simmim.pretrain import build_datamodule
+
+    root = _imagenette(tmp_path / "imagenette")
+    base = ["recipe=imagenette_cpu", f"data.root={root}", "data.batch_size=4", "data.num_workers=0"]
+    dm = build_datamodule(load_recipe("pretrain", base), 4)
+    assert {Path(dm.source.name(i)).parents[1] for i in range(len(dm.source))} == {root / "train"}
+    assert len(dm.val_source) == 6
+    assert {Path(dm.val_source.name(i)).parents[1] for i in range(len(dm.val_source))} == {root / "val"}
+    other = write_images(tmp_path / "other_val", 2)
+    explicit = build_datamodule(load_recipe("pretrain", [*base, f"data.val_root={other}"]), 4)
+    assert {Path(explicit.val_source.name(i)).parent for i in range(2)} == {other}  # an explicit val_root wins
+    assert build_datamodule(load_recipe("pretrain", [*base, "data.val_root=null"]), 4).val_source is None
+    split = build_datamodule(load_recipe("pretrain", [*base, "data.val_fraction=0.25"]), 4)
+    assert split.val_source is None and len(split.val_indices) == 3
+    assert _pretrain(write_images(tmp_path / "flat", 8)).val_source is None  # no train/ + val/: no validation folder
+
+
+IMAGENETTE = Path("/work/shared/data/imagenette2-224")
+
+
+@pytest.mark.skipif(not IMAGENETTE.is_dir(), reason="the Imagenette copy of this machine is not there")
+def test_imagenette_recipe_default_data_is_unchanged():
+    from simmim.config import load_recipe
+    from simmim.pretrain import build_datamodule
+
+    dm = build_datamodule(load_recipe("pretrain", ["recipe=imagenette_cpu"]), 4)
+    for source, split in ((dm.source, "train"), (dm.val_source, "val")):
+        on_disk = sum(1 for p in (IMAGENETTE / split).rglob("*") if p.is_file() and p.suffix.lower() == ".jpeg")
+        assert len(source) == on_disk > 0
+        assert {Path(source.name(i)).parents[1] for i in (0, len(source) - 1)} == {IMAGENETTE / split}
+
+
+# ---------------------------------------------------------------------------------------------- helpful errors
+
+
+def test_too_few_images_for_a_batch_names_real_keys_and_what_shrank_the_set(tmp_path):
+    for c, cls in enumerate(("ant", "bee")):
+        write_images(tmp_path / "train" / cls, 24, seed=c)
+        write_images(tmp_path / "val" / cls, 2, seed=10 + c)
+    dm = ClassificationDataModule(tmp_path, img_size=32, batch_size=16, num_workers=0, label_fraction=0.2)
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert "data.label_fraction=0.2 kept 10 of 48 images" in msg, msg
+    assert "lower data.batch_size to at most 10, raise data.label_fraction, or add images" in msg
+    assert "drop_last" not in msg  # not a key a user can set
+    two = ClassificationDataModule(tmp_path, img_size=32, batch_size=8, num_workers=0, label_fraction=0.2, world_size=2)
+    with pytest.raises(DataError, match="on each of 2 ranks .*lower data.batch_size to at most 5"):
+        two.setup("fit")
+    pretrain = _pretrain(tmp_path / "train", batch_size=32, val_fraction=0.5)
+    with pytest.raises(DataError, match=r"data.val_fraction=0.5 held out 24 of 48 images.*at most 24, lower data.val"):
+        pretrain.setup("fit")
+
+
+def test_val_fraction_that_empties_a_split_says_what_works(tmp_path):
+    images = write_images(tmp_path / "images", 21)
+    hint = r"data.val_fraction=0.01 of 21 images leaves an empty validation split: use at least data.val_fraction=0.048"
+    with pytest.raises(DataError, match=hint + r" \(1 image\), or 0 to train without validation"):
+        _pretrain(images, val_fraction=0.01)
+    assert len(_pretrain(images, val_fraction=0.048).val_indices) == 1  # the suggestion works
+    with pytest.raises(DataError, match=r"leaves no training images: use at most data.val_fraction=0.952"):
+        _pretrain(images, val_fraction=0.99, batch_size=1)
+    assert len(_pretrain(images, val_fraction=0.952, batch_size=1).train_indices) == 1
+    for c, cls in enumerate(("ant", "bee")):
+        write_images(tmp_path / "tree" / cls, 10 + c, seed=c)
+    with pytest.raises(DataError, match=hint):  # fine-tuning holds out the same way
+        ClassificationDataModule(tmp_path / "tree", img_size=32, num_workers=0, val_fraction=0.01)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_file_unreadable_stops_once_each_was_tried(tmp_path, num_workers):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"bad{i:02d}.png").write_bytes(b"not a png")
+    dm = _pretrain(folder, source="folder", batch_size=2, num_workers=num_workers)
+    with warnings.catch_warnings(), pytest.raises(TooManyBadFilesError) as info:
+        warnings.simplefilter("ignore", BadImageWarning)
+        next(iter(dm.train_dataloader()))
+    err = info.value
+    assert isinstance(err, DataError) and dm.num_bad_files == 20  # each file tried once, in any worker
+    lines = str(err).strip().splitlines()
+    assert err.summary == lines[-1].removeprefix("simmim.data.datasets.TooManyBadFilesError: ")
+    if num_workers:  # PyTorch re-raised it from the worker: the sentence is the last line
+        assert lines[0].startswith("Caught TooManyBadFilesError in DataLoader worker process")
+    assert err.summary.startswith("all 20 image files were tried and every one is unreadable, e.g. ")
+    assert str(folder / "bad00.png") in err.summary and "and 17 more: fix or delete them" in err.summary
+    if not num_workers:  # with workers, a file found by another worker is named without its reason
+        assert f"{folder / 'bad00.png'} (UnidentifiedImageError: " in err.summary
+
+
+def test_max_bad_files_zero_names_the_key(tmp_path):
+    _write_images(tmp_path / "data", 3)
+    (tmp_path / "data" / "zz_empty.png").write_bytes(b"")
+    dm = _pretrain(tmp_path / "data", batch_size=1, max_bad_files=0)
+    dm.setup("fit")
+    expected = r"1 unreadable image file \(of 4\), more than data.max_bad_files=0, e.g. .*zz_empty.png \(empty file\)"
+    with pytest.raises(TooManyBadFilesError, match=expected + ": fix or delete them, or raise data.max_bad_files"):
+        for _ in _every_sample(dm.train_set):
+            pass
+
+
+def test_file_list_with_missing_files_fails_up_front(tmp_path):
+    _write_images(tmp_path / "imgs", 3)
+    lst = tmp_path / "lists" / "train.txt"
+    lst.parent.mkdir()
+    lst.write_text("imgs/img000.jpg\nimgs/img001.jpg\nimgs/img002.jpg\n")  # relative to the list's folder: wrong
+    first = re.escape(str(lst.parent / "imgs" / "img000.jpg"))
+    with pytest.raises(FileNotFoundError, match=rf"none of the 3 listed files exist \(first: {first}, line 1\)"):
+        _pretrain(lst, batch_size=1)
+    lst.write_text("../imgs/img000.jpg\n../imgs/img001.jpg\n../imgs/missing.jpg\n../imgs/img002.jpg\n")
+    some = r"1 of the 4 listed files does not exist \(first: .*missing.jpg \(line 3\)\): fix or remove those lines"
+    with pytest.raises(FileNotFoundError, match=some):
+        _pretrain(lst, batch_size=1)
+
+
+def test_workers_start_after_opencv_ran_in_this_process(tmp_path):
+    # A worker forked while this process's OpenCV thread pool is alive used to block forever in its
+    # cv2.setNumThreads(1): run in a subprocess so that a regression fails on the timeout instead of hanging.
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import write_images
+from simmim.data import ClassificationDataModule
+
+root = Path({str(tmp_path)!r})
+for split, n in (("train", 10), ("val", 2)):
+    for c, cls in enumerate(("ant", "bee", "cat")):
+        write_images(root / split / cls, n, seed=c)
+kw = dict(img_size=32, batch_size=4)
+here = ClassificationDataModule(root, num_workers=0, **kw)
+for _ in range(2):
+    list(here.train_dataloader()), list(here.val_dataloader())  # OpenCV transforms in this process
+forked = ClassificationDataModule(root, num_workers=2, **kw)
+print(len(list(forked.train_dataloader())), len(list(forked.val_dataloader())))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["7", "2"]

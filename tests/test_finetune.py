@@ -169,6 +169,11 @@ def test_cli_finetunes_from_an_encoder_file(folders, tmp_path):
     # The best checkpoint loads back as pretrained weights (Lightning layout, head included).
     m = module(num_classes=3, model_kwargs={"img_size": 32})
     assert load_pretrained(m.model, metrics["best_checkpoint"]).missing == []
+    # The same run folder again: refused before anything is overwritten.
+    before = (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    again = run_cli(f"run_dir={run}", f"data.root={folders}", "data.source=imagefolder", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds checkpoints of an earlier fine-tuning run" in again.stderr
+    assert (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
 
 
 def test_cli_errors_are_one_clear_line(folders, tmp_path):
@@ -184,8 +189,8 @@ def test_cli_errors_are_one_clear_line(folders, tmp_path):
 
 def test_cli_knn(folders, tmp_path):
     out = run_cli(
-        "recipe=knn", f"pretrained={folders / 'encoder.safetensors'}", f"data.root={folders}", "data.batch_size=8",
-        "data.num_workers=0",
+        "recipe=knn", f"pretrained={folders / 'encoder.safetensors'}", f"data.root={folders}",
+        "data.batch_size=64", "data.num_workers=0",  # more than the 24 training images: kNN trains nothing
         f"run_dir={tmp_path / 'knn'}", cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from conftest import fit_tiny_pretraining, pretrain_args
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
 from simmim.checkpoint import load_encoder
-from simmim.config import load_recipe
+from simmim.config import RecipeError, load_recipe
 from simmim.models import create_model
 from simmim.pretrain import run
 
@@ -101,6 +102,34 @@ def test_atomic_checkpoint_survives_crash_during_write(reference, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
 
 
+def test_schedule_steps_sets_the_run_length_and_the_schedule_follows(image_folder, tmp_path):
+    """schedule.steps past schedule.epochs (one epoch = 6 steps here) runs that many steps, the cosine schedule laid
+    over them: warmup over warmup_epochs / epochs of them, min_lr at the end."""
+    extra = ("schedule.steps=12", "schedule.epochs=1", "schedule.warmup_epochs=0.25", "schedule.name=cosine")
+    out = run(load_recipe("pretrain", _args(image_folder, tmp_path, *extra, "trainer.max_steps=-1", "optim.min_lr=0")))
+    assert out["steps"] == 12
+    with open(next((tmp_path / "logs").glob("version_*/csv/metrics.csv"))) as f:
+        lr = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")}
+    peak = 0.2 * 4 / 512
+    assert sorted(lr) == list(range(12))
+    assert lr[3] == pytest.approx(peak)  # warmup: 0.25 of 12 steps
+    assert lr[0] < lr[1] < lr[2] < lr[3] > lr[6] > lr[11] > 0
+    assert lr[11] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * 8 / 9)))  # 8 of 9 decay steps done
+
+
+def test_max_steps_past_the_schedule_is_refused(image_folder, tmp_path):
+    with pytest.raises(RecipeError, match=r"max_steps=14 is more than the 6 optimizer steps.*schedule.steps=14"):
+        run(load_recipe("pretrain", _args(image_folder, tmp_path, "schedule.epochs=1")))
+
+
+def test_a_new_run_refuses_a_folder_with_an_earlier_runs_checkpoints(reference, image_folder):
+    run_dir = reference[0]
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    with pytest.raises(RecipeError, match=r"already holds checkpoints of an earlier run .*last.ckpt.*resume=auto"):
+        run(load_recipe("pretrain", _args(image_folder, run_dir)))
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+
+
 class PoisonBatch(pl.Callback):
     """Fills the images of the batch at optimizer step ``step`` with NaN (a corrupt sample / overflow)."""
 
@@ -169,6 +198,7 @@ def test_cli_outputs(image_folder, tmp_path):
         (["data.batchsize=3"], "unknown key 'data.batchsize'"),
         (["data.mask_patch_size=12"], "model.img_size=32 is not divisible by data.mask_patch_size=12"),
         (["compile=true", "compile_mode=fast"], "compile_mode='fast' is not a torch.compile mode"),
+        (["model.init_from=nope.ckpt"], "model.init_from=nope.ckpt: checkpoint nope.ckpt does not exist"),
     ],
 )
 def test_cli_errors_are_one_line(args, text):
@@ -176,6 +206,19 @@ def test_cli_errors_are_one_line(args, text):
     assert res.returncode == 2
     assert text in res.stderr and "Traceback" not in res.stderr
     assert res.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_cli_unreadable_images_in_a_loader_worker_end_in_one_error_line(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(6):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    res = _cli(*_args(bad, tmp_path / "run", "data.num_workers=1", "trainer.max_steps=2"))
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: all 6 image files were tried and every one is unreadable"), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.slow
@@ -192,7 +235,10 @@ def test_sigkill_mid_epoch_then_resume_auto(reference, image_folder, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    stale = tmp_path / "checkpoints" / f".step=000006.ckpt.tmp{proc.pid}"  # as a kill during a save leaves it
+    stale.write_bytes(b"half a checkpoint")
     res = _cli(*args, "resume=auto")
+    assert not stale.exists()
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = _losses(tmp_path)
     start = min(resumed)

@@ -259,3 +259,39 @@ def test_cli_errors_are_one_line(fitted, image_folder, tmp_path, capsys):
         err = capsys.readouterr().err
         assert text in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_skips_unreadable_images_with_a_warning(fitted, image_folder, tmp_path, capsys):
+    _, _, _, root = fitted
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted(image_folder.iterdir())[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "corrupt.png").write_bytes(b"not a png")  # sorts first: it is among the images shown
+    out = tmp_path / "grid.png"
+    assert V.main([str(root / "last.ckpt"), str(folder), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("warning: skipping unreadable image ") and captured.err.count("\n") == 1
+    assert str(folder / "corrupt.png") in captured.err
+    assert "wrote" in captured.out and "(3 images" in captured.out
+    tile = IMG * math.ceil(96 / IMG)
+    assert Image.open(out).size[0] == V.LABEL_W + 3 * (tile + V.PAD) + V.PAD
+    # --max-images reads no further than it shows: only readable images count
+    assert V.main([str(root / "last.ckpt"), str(folder), "--out", str(out), "--max-images", "2"]) == 0
+    assert "(2 images" in capsys.readouterr().out
+
+
+def test_cli_flag_errors_name_the_flags(fitted, image_folder, tmp_path, capsys):
+    _, _, _, root = fitted
+    cases = [
+        (["--max-images", "0"], "--max-images must be >= 1, got 0"),
+        (["--img-size", "30"], "--img-size 30 is not divisible by --mask-patch-size 8 (the checkpoint's)"),
+        (["--mask-ratio", "1.5"], "--mask-ratio 1.5 must lie strictly between 0 and 1"),
+        (["--mask-ratio", "0"], "--mask-ratio 0.0 must lie strictly between 0 and 1"),
+        (["--img-size", "36", "--mask-patch-size", "6"], "--mask-patch-size 6 is not divisible by the model's patch"),
+    ]
+    for flags, text in cases:
+        assert V.main([str(root / "last.ckpt"), str(image_folder), "--out", str(tmp_path / "x.png"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and text in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()

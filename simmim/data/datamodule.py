@@ -11,6 +11,7 @@ the constructor, so a wrong or empty root fails before any model is built. The t
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +20,11 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from simmim.data.datasets import FashionMNIST, SampleDataset, build_source, detect_source
-from simmim.data.sampler import EpochSampler
+from simmim.data.datasets import DataError, FashionMNIST, SampleDataset, build_source, detect_source
+from simmim.data.sampler import EpochSampler, too_few_samples
 from simmim.data.transforms import (
     EVAL_RESIZE_RATIO,
     IMAGENET_MEAN,
@@ -34,7 +36,7 @@ from simmim.data.transforms import (
 )
 from simmim.masking import MaskGenerator
 
-__all__ = ["ClassificationDataModule", "PretrainDataModule", "split_indices", "label_subset"]
+__all__ = ["ClassificationDataModule", "PretrainDataModule", "check_split", "split_indices", "label_subset"]
 
 Root = str | os.PathLike | None
 
@@ -46,6 +48,33 @@ def split_indices(size: int, val_fraction: float, seed: int) -> tuple[np.ndarray
     order = np.random.default_rng([seed, 0x5A11]).permutation(size)
     n_val = round(val_fraction * size)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def check_split(size: int, val_fraction: float) -> None:
+    """Fail when ``split_indices(size, val_fraction)`` leaves the validation or the training split empty, saying
+    which fraction would work."""
+    if not val_fraction:
+        return
+    n_val = round(val_fraction * size)
+    if 0 < n_val < size:
+        return
+    if size < 2:
+        raise DataError(
+            f"data.val_fraction={val_fraction} cannot split {size} image: add images, or set data.val_fraction=0 "
+            "to train without validation"
+        )
+    digits = 1 - math.floor(math.log10(1 / size))  # two significant digits of 1/size: fine enough to name a bound
+    if n_val == 0:
+        least = math.ceil(10**digits / size) / 10**digits  # >= 1/size, so it holds out at least one image
+        raise DataError(
+            f"data.val_fraction={val_fraction} of {size} images leaves an empty validation split: use at least "
+            f"data.val_fraction={least:g} (1 image), or 0 to train without validation"
+        )
+    most = math.floor(10**digits * (size - 1) / size) / 10**digits
+    raise DataError(
+        f"data.val_fraction={val_fraction} of {size} images leaves no training images: use at most "
+        f"data.val_fraction={most:g}, or 0 to train without validation"
+    )
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -88,6 +117,8 @@ class _DataModule(pl.LightningDataModule):
         self.train_set: SampleDataset | None = None
         self.val_set: SampleDataset | None = None
         self.train_sampler: EpochSampler | None = None
+        # why the training set is smaller than the source, with the key that changes it (for "too few images")
+        self.size_notes: list[tuple[str, str]] = []
 
     def _dataset(self, source, transform, indices=None, fixed_epoch: int | None = None) -> SampleDataset:
         return SampleDataset(source, transform, self.seed, indices, self.max_bad_files, fixed_epoch)
@@ -96,6 +127,8 @@ class _DataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank = self.rank if self.rank is not None or trainer is None else trainer.global_rank
         world_size = self.world_size if self.world_size is not None or trainer is None else trainer.world_size
+        if train:
+            self._check_batch(len(dataset), world_size)
         return EpochSampler(
             len(dataset),
             self.batch_size,
@@ -106,11 +139,24 @@ class _DataModule(pl.LightningDataModule):
             world_size=world_size,
         )
 
+    def _check_batch(self, size: int, world_size: int | None) -> None:
+        """Training drops incomplete batches: fail when there is not one full batch per rank, saying why so few."""
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if size < self.batch_size * world_size:
+            raise DataError(too_few_samples(size, self.batch_size, world_size, self.size_notes))
+
     def _loader(self, dataset: SampleDataset | None, sampler: EpochSampler | None = None) -> DataLoader | list:
         if dataset is None:
             return []  # Lightning skips a stage whose loader list is empty
         if sampler is None:
             sampler = self._sampler(dataset, train=False)
+        if self.num_workers > 0:
+            # The workers' cv2.setNumThreads(1) (_limit_threads) blocks forever in a worker forked while this
+            # process's OpenCV pool is alive (e.g. after transforms ran here): the child inherits the pool's
+            # condition variables with waiters that do not exist. One OpenCV thread here leaves no pool to copy;
+            # this process does little OpenCV work once workers load the data.
+            cv2.setNumThreads(1)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -144,6 +190,8 @@ class PretrainDataModule(_DataModule):
     A root holding a ``train`` subfolder (e.g. ImageNet or Imagenette) trains on ``root/train``. Validation (loss
     on held-out images, same augmentation but with crops and masks fixed per image so losses compare across
     steps) comes from ``val_root`` (for Fashion-MNIST: the test split) or a ``val_fraction`` of the training set.
+    ``val_root="auto"`` (the default) follows the root: ``root/val`` when the root holds both ``train`` and ``val``
+    and ``val_fraction`` is 0, else no validation folder; ``None``: no validation folder.
     """
 
     def __init__(
@@ -157,7 +205,7 @@ class PretrainDataModule(_DataModule):
         batch_size: int = 128,
         num_workers: int = 8,
         pin_memory: bool = True,
-        val_root: Root = None,
+        val_root: Root = "auto",
         val_fraction: float = 0.0,
         crop_scale: tuple[float, float] = (0.67, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -170,8 +218,13 @@ class PretrainDataModule(_DataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
         self.save_hyperparameters()
-        if val_root is not None and val_fraction:
-            raise ValueError(f"give val_root ({val_root}) or val_fraction ({val_fraction}), not both")
+        if str(val_root) == "auto":
+            val_root = None if val_fraction else _val_folder(root, source)
+        elif val_root is not None and val_fraction:
+            raise ValueError(
+                f"give data.val_root={val_root} or data.val_fraction={val_fraction}, not both: set the other one to "
+                "null / 0"
+            )
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.transform = SampleTransform(
             pretrain_transform(img_size, crop_scale, crop_ratio, mean, std), self.mask_generator
@@ -179,8 +232,9 @@ class PretrainDataModule(_DataModule):
         self.source = build_source(_train_folder(root, source), source)
         self.val_source = None if val_root is None else build_source(val_root, source, train=False)
         self.train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
-        if val_fraction and min(len(self.train_indices), len(self.val_indices)) == 0:
-            raise ValueError(f"val_fraction={val_fraction} of {len(self.source)} images leaves an empty split")
+        check_split(len(self.source), val_fraction)
+        if val_fraction:
+            self.size_notes.append(_held_out(val_fraction, len(self.val_indices), len(self.source)))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -268,20 +322,31 @@ class ClassificationDataModule(_DataModule):
         self.class_names: list[str] = self.source.class_names
         self.num_classes = len(self.class_names)
         train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
+        check_split(len(self.source), val_fraction)
         self.train_indices = train_indices[label_subset(self.source.labels[train_indices], label_fraction, seed)]
+        if val_fraction:
+            self.size_notes.append(_held_out(val_fraction, len(self.val_indices), len(self.source)))
+        if len(self.train_indices) < len(train_indices):
+            self.size_notes.append(
+                (
+                    f"data.label_fraction={label_fraction} kept {len(self.train_indices)} of {len(train_indices)} "
+                    "images",
+                    "raise data.label_fraction",
+                )
+            )
         self.test_set: SampleDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = self._dataset(self.source, self.train_transform, self.train_indices)
-        if self.val_source is None:
-            self.val_set = self._dataset(self.source, self.eval_transform, self.val_indices)
-        else:
-            self.val_set = self._dataset(self.val_source, self.eval_transform)
-        same = self.test_source is None or self.test_source is self.val_source
-        self.test_set = self.val_set if same else self._dataset(self.test_source, self.eval_transform)
-        self.train_sampler = self._sampler(self.train_set, train=True)
+        if self.train_set is None:
+            self.train_set = self._dataset(self.source, self.train_transform, self.train_indices)
+            if self.val_source is None:
+                self.val_set = self._dataset(self.source, self.eval_transform, self.val_indices)
+            else:
+                self.val_set = self._dataset(self.val_source, self.eval_transform)
+            same = self.test_source is None or self.test_source is self.val_source
+            self.test_set = self.val_set if same else self._dataset(self.test_source, self.eval_transform)
+        if self.train_sampler is None and stage in (None, "fit"):  # evaluation alone (kNN) needs no full batch
+            self.train_sampler = self._sampler(self.train_set, train=True)
 
     def test_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -298,6 +363,17 @@ def _subfolder(root: Root, name: str) -> Path | None:
     if root is None or not Path(root).is_dir() or not (Path(root) / name).is_dir():
         return None
     return Path(root) / name
+
+
+def _held_out(val_fraction: float, n_val: int, size: int) -> tuple[str, str]:
+    return f"data.val_fraction={val_fraction} held out {n_val} of {size} images", "lower data.val_fraction"
+
+
+def _val_folder(root: Root, source: str) -> Path | None:
+    """``root/val`` when the root has the ImageNet layout (``train`` and ``val``) that ``_train_folder`` follows."""
+    if source in ("auto", "folder", "imagefolder") and _subfolder(root, "train") is not None:
+        return _subfolder(root, "val")
+    return None
 
 
 def _train_folder(root: Root, source: str) -> Root:

@@ -27,6 +27,7 @@ __all__ = [
     "FASHION_MNIST_DIRS",
     "SOURCES",
     "BadImageWarning",
+    "DataError",
     "FashionMNIST",
     "ImageFiles",
     "SampleDataset",
@@ -49,15 +50,16 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-# searched after an explicit root: the Debian package `dataset-fashion-mnist`, then the user cache
+# searched when no root is given: the Debian package `dataset-fashion-mnist`, then the user cache
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("~/.cache/simmim/fashion-mnist").expanduser())
 _FASHION_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_FASHION_NAMES = tuple(n for pair in _FASHION_FILES.values() for n in pair)
 _LAYOUTS = (
     "a folder of images (searched recursively), an ImageFolder tree (one subfolder per class), "
-    "a .txt file list (one path per line, optional label), or 'fashion_mnist'"
+    "a .txt file list (one path per line, optional label), a folder of Fashion-MNIST idx files, or 'fashion_mnist'"
 )
 
 
@@ -129,6 +131,7 @@ class ImageFiles:
         if any(given) and not all(given):
             n = entries[given.index(not given[0])][0]
             raise ValueError(f"{path}:{n}: some lines have a label and some do not: label every line or none")
+        _check_listed_files_exist(path, entries)
         paths = [p for _, p, _ in entries]
         if not given[0]:
             return cls(paths)
@@ -159,11 +162,13 @@ class FashionMNIST:
     """Fashion-MNIST from its four idx files (gzipped or raw): 60k train / 10k test 28x28 greyscale images,
     returned as RGB (the grey value repeated) so that the same models and normalisation apply.
 
-    ``root``: a folder holding the files; searched first, then ``FASHION_MNIST_DIRS``.
+    ``root``: the folder holding the files; None searches ``FASHION_MNIST_DIRS``. A given root is never replaced
+    by a default location: without the files there, this fails (the user meant *that* folder).
     """
 
     def __init__(self, root: str | os.PathLike | None = None, train: bool = True) -> None:
         folder = find_fashion_mnist(root)
+        self.folder = folder
         images_name, labels_name = _FASHION_FILES[train]
         self.images = read_idx(_idx_file(folder, images_name))
         self.labels = read_idx(_idx_file(folder, labels_name)).astype(np.int64)
@@ -185,22 +190,46 @@ class FashionMNIST:
         return Image.fromarray(self.images[index], "L").convert("RGB")
 
     def __repr__(self) -> str:
-        return f"FashionMNIST({self.split}, {len(self)} images)"
+        return f"FashionMNIST({self.split}, {len(self)} images from {self.folder})"
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The first folder, of ``root`` then ``FASHION_MNIST_DIRS``, that holds all four idx files (raw or .gz)."""
-    candidates = ([Path(root).expanduser()] if root is not None else []) + list(FASHION_MNIST_DIRS)
-    names = [n for pair in _FASHION_FILES.values() for n in pair]
-    for folder in candidates:
-        if all(_idx_file(folder, n, must_exist=False) for n in names):
+    """``root`` when it holds all four idx files (raw or .gz); with no root, the first of ``FASHION_MNIST_DIRS``
+    that does. A given root without them is an error, never a silent switch to a default location."""
+    if root is not None and str(root) != "fashion_mnist":
+        folder = Path(root).expanduser()
+        defaults = " or ".join(map(str, FASHION_MNIST_DIRS))
+        if not folder.is_dir():
+            what = "does not exist" if not folder.exists() else "is not a folder"
+            raise FileNotFoundError(
+                f"data.root={folder} {what}: with data.source=fashion_mnist it must be the folder holding the "
+                f"Fashion-MNIST idx files ({', '.join(_FASHION_NAMES)}, raw or .gz); data.root=null reads them "
+                f"from {defaults}"
+            )
+        missing = [n for n in _FASHION_NAMES if not _idx_file(folder, n, must_exist=False)]
+        if missing:
+            found = "none of the" if len(missing) == len(_FASHION_NAMES) else "not all"
+            raise FileNotFoundError(
+                f"data.root={folder} holds {found} Fashion-MNIST idx files (missing: {', '.join(missing)}, raw or "
+                ".gz). For a folder of images use data.source=auto (or folder / imagefolder / filelist); for "
+                f"Fashion-MNIST put the files there, or set data.root=null to read them from {defaults}"
+            )
+        return folder
+    for folder in FASHION_MNIST_DIRS:
+        if all(_idx_file(folder, n, must_exist=False) for n in _FASHION_NAMES):
             return folder
     raise FileNotFoundError(
-        f"Fashion-MNIST not found in {', '.join(map(str, candidates))}: install it with "
-        f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put {', '.join(n + '.gz' for n in names)} "
-        f"(from https://github.com/zalandoresearch/fashion-mnist, folder data/fashion) into {FASHION_MNIST_DIRS[-1]} "
-        "or into the folder given as root"
+        f"Fashion-MNIST not found in {', '.join(map(str, FASHION_MNIST_DIRS))}: install it with "
+        f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put "
+        f"{', '.join(n + '.gz' for n in _FASHION_NAMES)} (from https://github.com/zalandoresearch/fashion-mnist, "
+        f"folder data/fashion) into {FASHION_MNIST_DIRS[-1]} or into a folder given as data.root"
     )
+
+
+def is_fashion_mnist_folder(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds any Fashion-MNIST idx file (an incomplete set then fails with what is missing)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(_idx_file(folder, n, must_exist=False) for n in _FASHION_NAMES)
 
 
 def _idx_file(folder: Path, name: str, must_exist: bool = True) -> Path | None:
@@ -231,11 +260,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def detect_source(root: str | os.PathLike | None) -> str:
-    """``source="auto"``: fashion_mnist for None / "fashion_mnist", filelist for a .txt file, imagefolder for a
-    folder holding subfolders but no images at its top level, else folder."""
+    """``source="auto"``: fashion_mnist for None / "fashion_mnist" / a folder holding Fashion-MNIST idx files,
+    filelist for a .txt file, imagefolder for a folder holding subfolders but no images at its top level, else
+    folder."""
     if root is None or str(root) == "fashion_mnist":
         return "fashion_mnist"
     root = _existing(root)
+    if is_fashion_mnist_folder(root):
+        return "fashion_mnist"
     if root.is_file():
         if root.suffix.lower() == ".txt":
             return "filelist"
@@ -282,6 +314,26 @@ def _find_images(root: Path) -> list[str]:
     return sorted(found)
 
 
+def _check_listed_files_exist(path: Path, entries: list[tuple[int, Path, str | None]]) -> None:
+    """Fail before training when listed files are missing: a wrong base folder would otherwise surface as
+    thousands of "unreadable image" warnings mid-run."""
+    missing = [(n, p) for n, p, _ in entries if not p.exists()]
+    if not missing:
+        return
+    n, first = missing[0]
+    if len(missing) == len(entries):
+        raise FileNotFoundError(
+            f"file list {path}: none of the {len(entries)} listed files exist (first: {first}, line {n}); "
+            f"relative paths are read from the list's folder {path.parent}: fix the paths or move the list"
+        )
+    few = ", ".join(f"{p} (line {n})" for n, p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+    verb = "does" if len(missing) == 1 else "do"
+    raise FileNotFoundError(
+        f"file list {path}: {len(missing)} of the {len(entries)} listed files {verb} not exist (first: {few}): "
+        "fix or remove those lines"
+    )
+
+
 def _is_int(s: str) -> bool:
     try:
         int(s)
@@ -294,8 +346,28 @@ class BadImageWarning(UserWarning):
     """An unreadable image was skipped and replaced by another sample."""
 
 
-class TooManyBadFilesError(RuntimeError):
-    """More than ``max_bad_files`` unreadable images."""
+class DataError(ValueError):
+    """A data problem found once training runs (too few images for a batch, too many unreadable files), with a
+    one-line message saying what to change.
+
+    Raised in a DataLoader worker, it reaches the main process re-raised by PyTorch as the same class with the
+    message "Caught ... Original Traceback ...": the user's sentence is then the last line (after
+    ``module.Class: ``); :attr:`summary` returns that sentence in both cases. The class takes a single message
+    string, so PyTorch can re-create it.
+    """
+
+    @property
+    def summary(self) -> str:
+        """The one-line message for the user, also when PyTorch re-raised this from a DataLoader worker."""
+        lines = str(self).strip().splitlines()
+        line = lines[-1] if lines else ""
+        for prefix in (f"{type(self).__module__}.{type(self).__qualname__}: ", f"{type(self).__qualname__}: "):
+            line = line.removeprefix(prefix)
+        return line
+
+
+class TooManyBadFilesError(DataError, RuntimeError):
+    """More than ``max_bad_files`` unreadable images, or no readable image left (a RuntimeError too, as before)."""
 
 
 class SampleDataset(Dataset):
@@ -306,9 +378,10 @@ class SampleDataset(Dataset):
     subset of the source (index i of the dataset is source item ``indices[i]``).
 
     A file that fails to decode is warned about once (``BadImageWarning``), recorded, and replaced by another
-    sample chosen deterministically from (seed, epoch, index), so runs stay reproducible. The record lives in
-    shared memory, so the count (``num_bad_files``) covers all DataLoader workers; beyond ``max_bad_files`` bad
-    files, ``TooManyBadFilesError`` names some of them.
+    sample: the search starts at an item drawn from (seed, epoch, index) and walks on through the dataset, so runs
+    stay reproducible and the search ends once every file has been tried. The record lives in shared memory, so
+    the count (``num_bad_files``) covers all DataLoader workers; beyond ``max_bad_files`` bad files, or when no
+    readable file is left, ``TooManyBadFilesError`` says how many and names some of them.
     """
 
     def __init__(
@@ -344,41 +417,60 @@ class SampleDataset(Dataset):
         if self.fixed_epoch is not None:
             epoch = self.fixed_epoch
         seed = np.random.SeedSequence([self.seed, epoch, int(index)])
-        item, attempt = int(index), 0
-        while True:
-            if not self._bad[item]:
-                try:
-                    image = self.source.load(int(self.indices[item]))
+        item = int(index)
+        image = self._load(item)
+        if image is None:
+            # Every other item once, from a start drawn from (seed, epoch, index): a uniformly random replacement
+            # that stays reproducible, and a search that ends once every file has been tried.
+            size = len(self)
+            start = int(np.random.default_rng([self.seed, epoch, int(index), 1]).integers(size))
+            for step in range(size):
+                item = (start + step) % size
+                image = self._load(item)
+                if image is not None:
                     break
-                except BadImageError as err:
-                    self._record_bad(item, err)
-            attempt += 1
-            if attempt > 100:
+            else:
                 raise TooManyBadFilesError(
-                    f"100 replacements for sample {index} were all unreadable, e.g. {self._examples()}"
+                    f"all {size} image files were tried and every one is unreadable, e.g. {self._examples()}: "
+                    "fix or delete them, or point data.root (data.val_root for validation) at readable images"
                 )
-            item = int(np.random.default_rng([self.seed, epoch, int(index), attempt]).integers(len(self)))
         sample = self.transform(image, seed)
         sample["label"] = int(self.source.labels[self.indices[item]])
         return sample
 
+    def _load(self, item: int) -> Image.Image | None:
+        """Item ``item``'s image, or None when its file is (or was already found) unreadable."""
+        if self._bad[item]:
+            return None
+        try:
+            return self.source.load(int(self.indices[item]))
+        except BadImageError as err:
+            self._record_bad(item, err)
+            return None
+
     def _record_bad(self, item: int, err: BadImageError) -> None:
+        name = self.source.name(int(self.indices[item]))
         with self._bad_count.get_lock():
             if self._bad[item]:
                 return  # another worker got there first
             self._bad[item] = 1
             self._bad_count.value += 1
             count = self._bad_count.value
-        self.bad_files[err.path] = err.reason
+        self.bad_files[name] = " ".join(err.reason.split())  # one line: the message's last line is for the user
         if count > self.max_bad_files:
+            files = "file" if count == 1 else "files"
             raise TooManyBadFilesError(
-                f"{count} unreadable image files, more than max_bad_files={self.max_bad_files}, e.g. "
-                f"{self._examples()}: fix or delete them, or raise max_bad_files"
+                f"{count} unreadable image {files} (of {len(self)}), more than data.max_bad_files="
+                f"{self.max_bad_files}, e.g. {self._examples()}: fix or delete them, or raise data.max_bad_files"
             )
-        warnings.warn(f"skipping unreadable image ({count} so far): {err}", BadImageWarning, stacklevel=3)
+        warnings.warn(f"skipping unreadable image ({count} so far): {err}", BadImageWarning, stacklevel=4)
 
-    def _examples(self, n: int = 5) -> str:
-        return "; ".join(f"{path} ({reason})" for path, reason in list(self.bad_files.items())[-n:])
+    def _examples(self, n: int = 3) -> str:
+        """The first ``n`` unreadable files found by any worker, with the reason where this process knows it."""
+        bad = np.flatnonzero(np.frombuffer(self._bad, np.int8))
+        names = [self.source.name(int(self.indices[i])) for i in bad[:n]]
+        text = "; ".join(f"{name} ({self.bad_files[name]})" if name in self.bad_files else name for name in names)
+        return text + (f" and {len(bad) - n} more" if len(bad) > n else "")
 
     def __repr__(self) -> str:
         return f"SampleDataset({self.source!r}, {len(self)} samples, seed={self.seed}, transform={self.transform!r})"

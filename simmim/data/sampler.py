@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["EpochSampler"]
+from simmim.data.datasets import DataError
+
+__all__ = ["EpochSampler", "too_few_samples"]
+
+
+def too_few_samples(size: int, batch_size: int, world_size: int, notes: Sequence[tuple[str, str]] = ()) -> str:
+    """The message for a training set smaller than one batch per rank, naming the recipe keys that fix it.
+
+    ``notes``: (why so few, what to change) pairs, e.g. ("data.label_fraction=0.2 kept 9 of 48 images",
+    "raise data.label_fraction").
+    """
+    ranks = f"on each of {world_size} ranks" if world_size > 1 else "on one device"
+    fits = size // world_size
+    fixes = [f"lower data.batch_size to at most {fits}" if fits else "use fewer devices (trainer.devices)"]
+    fixes += [fix for _, fix in notes] + ["add images"]
+    why = "; ".join([f"data.batch_size={batch_size}", *(note for note, _ in notes)])
+    images = "1 training image does" if size == 1 else f"{size} training images do"
+    return (
+        f"{images} not fill one batch of {batch_size} {ranks} ({why}), and incomplete training "
+        f"batches are dropped: {', '.join(fixes[:-1])}, or {fixes[-1]}"
+    )
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -47,10 +67,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             self.num_batches = size // (self.world_size * batch_size)
             self.num_samples = self.num_batches * batch_size
             if self.num_batches == 0:
-                raise ValueError(
-                    f"{size} samples do not fill one batch of {batch_size} on each of {self.world_size} ranks: "
-                    "lower batch_size, add images, or set drop_last=False"
-                )
+                raise DataError(too_few_samples(size, batch_size, self.world_size))
         else:
             self.num_samples = math.ceil(size / self.world_size)
             self.num_batches = math.ceil(self.num_samples / batch_size)
