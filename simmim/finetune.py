@@ -191,14 +191,17 @@ class FinetuneModule(pl.LightningModule):
             raise ValueError("fine-tuning uses AdamW (optim.name=adamw); sgd is for mode=linear_probe")
         else:
             opt = build_optimizer(self.model, lr, hp.weight_decay, hp.layer_decay, fused=fused_adamw_ok(self.trainer))
-        epochs = hp.epochs or max(1, self.trainer.max_epochs)
+        epochs = hp.epochs or self.trainer.max_epochs
         if hp.steps:  # the run's length in steps: the schedule laid over it in its proportions
-            steps_per_epoch = hp.steps / epochs
+            total = hp.steps
+        elif epochs is None or epochs < 0:  # a Trainer given max_steps alone: the schedule spans them
+            epochs, total = 1, max(1, int(self.trainer.estimated_stepping_batches))
         else:
             self.trainer.fit_loop.setup_data()  # sizes the train loader, also under max_steps
-            steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        total = max(1, round(epochs * steps_per_epoch))
+            per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+            total = max(1, round(epochs * per_epoch))
         check_max_steps(self.trainer.max_steps, total, epochs)
+        steps_per_epoch = total / epochs
         schedule = LRSchedule(total, int(hp.warmup_epochs * steps_per_epoch), warmup_lr, min_lr, "cosine")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": build_scheduler(opt, schedule), "interval": "step"}}
 
