@@ -12,10 +12,18 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from simmim.checkpoint import atomic_torch_save
+from simmim.checkpoint import atomic_torch_save, remove_stale_temporaries
+from simmim.config import RecipeError
 from simmim.distributed import sharding_strategy
 
-__all__ = ["AtomicCheckpointIO", "latest_checkpoint", "NonFiniteError", "NonFiniteGuard", "ProgressBar"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "latest_checkpoint",
+    "prepare_run_folder",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "ProgressBar",
+]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,6 +43,19 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     folder = Path(folder)
     ckpts = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
     return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
+
+
+def prepare_run_folder(run_dir: str | Path, new_run: bool, what_to_do: str) -> None:
+    """Before a run writes to ``run_dir``: refuse a new run where ``checkpoints/`` holds an earlier run's (it would
+    overwrite them; ``what_to_do`` says what instead), and remove the temporary files of saves killed mid-write."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    earlier = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if new_run and earlier:
+        listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise RecipeError(f"run folder {run_dir} already holds checkpoints of an earlier run ({listed}): {what_to_do}")
+    for folder in (run_dir, ckpt_dir):
+        remove_stale_temporaries(folder)
 
 
 class NonFiniteError(RuntimeError):

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained, remove_stale_temporaries
+from simmim.callbacks import AtomicCheckpointIO, prepare_run_folder
+from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule, DataError
 from simmim.distributed import make_trainer
@@ -294,14 +295,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
     windows = weights.window_sizes if weights is not None else None
     run_dir = _run_dir(cfg)
-    earlier = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-    if earlier:  # a new run would overwrite them
-        raise RecipeError(
-            f"run folder {run_dir} already holds checkpoints of an earlier fine-tuning run ({', '.join(earlier[:3])}"
-            f"{', ...' if len(earlier) > 3 else ''}): give another run_dir (or name), or delete that folder"
-        )
-    for folder in (run_dir, run_dir / "checkpoints"):  # what saves killed mid-write left behind
-        remove_stale_temporaries(folder)
+    prepare_run_folder(run_dir, True, "give another run_dir (or name), or delete that folder")
     save_recipe(cfg, run_dir / "recipe.yaml")
     if cfg.mode == "knn":
         metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}
@@ -331,8 +325,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
 
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
-    from simmim.callbacks import AtomicCheckpointIO
 
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/top1", mode="max", save_last=True

@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint
-from simmim.checkpoint import CheckpointError, remove_stale_temporaries, save_encoder
+from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint, prepare_run_folder
+from simmim.checkpoint import CheckpointError, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
 from simmim.data import DataError
 from simmim.distributed import (
@@ -362,15 +362,8 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to continue from (None: a new run, refused where the folder holds an earlier run's)."""
+    """The checkpoint to continue from (None: a new run)."""
     if not cfg.resume:
-        earlier = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-        if earlier:  # a new run would overwrite last.ckpt and mix its step checkpoints with the old ones
-            listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-            raise RecipeError(
-                f"run folder {ckpt_dir.parent} already holds checkpoints of an earlier run ({listed}): pass "
-                "resume=auto to continue it, or give another run_dir (or name) for a new run"
-            )
         return None
     if cfg.resume == "auto":
         if not cfg.run_dir and not cfg.name:
@@ -503,8 +496,9 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
     resume = resolve_resume(cfg, ckpt_dir)
-    for folder in (run_dir, ckpt_dir):  # what saves killed mid-write left behind
-        remove_stale_temporaries(folder)
+    prepare_run_folder(
+        run_dir, resume is None, "pass resume=auto to continue it, or give another run_dir (or name) for a new run"
+    )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:  # bad paths, empty folders, impossible model sizes: one clear line from the CLI, not a traceback
         module = build_module(cfg)

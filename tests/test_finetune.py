@@ -172,7 +172,8 @@ def test_cli_finetunes_from_an_encoder_file(folders, tmp_path):
     # The same run folder again: refused before anything is overwritten.
     before = (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns
     again = run_cli(f"run_dir={run}", f"data.root={folders}", "data.source=imagefolder", cwd=tmp_path)
-    assert again.returncode == 2 and "already holds checkpoints of an earlier fine-tuning run" in again.stderr
+    assert again.returncode == 2
+    assert "already holds checkpoints of an earlier run (best.ckpt, last.ckpt): give another run_dir" in again.stderr
     assert (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
 
 
