@@ -66,9 +66,15 @@ def _trainer_args() -> set[str]:
     return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
 
+# Keys that take fractions even where a recipe writes a whole number (e.g. ``epochs: 800``).
+_FRACTIONAL = {"schedule.epochs", "schedule.warmup_epochs"}
+
+
 def _check_type(key: str, old: Any, new: Any) -> None:
     if old is None or new is None:
         return
+    if key in _FRACTIONAL and isinstance(old, int) and not isinstance(old, bool):
+        old = float(old)
     ok = True
     if isinstance(old, bool):
         ok = isinstance(new, bool)

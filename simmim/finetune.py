@@ -201,7 +201,7 @@ class FinetuneModule(pl.LightningModule):
             self.trainer.fit_loop.setup_data()  # sizes the train loader, also under max_steps
             per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
             total = max(1, round(epochs * per_epoch))
-        check_max_steps(self.trainer.max_steps, total, epochs)
+        check_max_steps(self.trainer.max_steps, total, epochs, hp.steps)
         steps_per_epoch = total / epochs
         schedule = LRSchedule(total, int(hp.warmup_epochs * steps_per_epoch), warmup_lr, min_lr, "cosine")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": build_scheduler(opt, schedule), "interval": "step"}}

@@ -182,15 +182,16 @@ def run_length(epochs: float, steps: int | None, max_steps: int | None) -> tuple
     return int(math.ceil(epochs)), max_steps
 
 
-def check_max_steps(max_steps: int, total: int, epochs: float) -> None:
+def check_max_steps(max_steps: int, total: int, epochs: float, steps: int | None) -> None:
     """``trainer.max_steps`` stops a run early; past the schedule's end it would be cut off there: refuse it."""
     from simmim.config import RecipeError
 
     if max_steps > total:
+        length = f"schedule.steps={steps}" if steps else f"schedule.epochs={epochs}"
         raise RecipeError(
-            f"trainer.max_steps={max_steps} is more than the {total} optimizer steps of the lr schedule "
-            f"(schedule.epochs={epochs}): trainer.max_steps only stops a run early; set schedule.steps={max_steps} "
-            f"for a run (and schedule) of {max_steps} steps"
+            f"trainer.max_steps={max_steps} is more than the {total} optimizer steps of the lr schedule ({length}): "
+            f"trainer.max_steps only stops a run early; set schedule.steps={max_steps} for a run (and schedule) of "
+            f"{max_steps} steps"
         )
 
 

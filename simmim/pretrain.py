@@ -211,7 +211,7 @@ class SimMIMPretrainModule(pl.LightningModule):
         per_epoch: float = self.steps_per_epoch()
         if s.get("steps"):  # the run's length in steps: the schedule laid over it in its proportions
             per_epoch = s["steps"] / s["epochs"]
-        check_max_steps(self.trainer.max_steps, round(s["epochs"] * per_epoch), s["epochs"])
+        check_max_steps(self.trainer.max_steps, round(s["epochs"] * per_epoch), s["epochs"], s.get("steps"))
         schedule = LRSchedule(
             total_steps=round(s["epochs"] * per_epoch),
             warmup_steps=round(s["warmup_epochs"] * per_epoch),
@@ -234,8 +234,18 @@ class SimMIMPretrainModule(pl.LightningModule):
         loop = self.trainer.fit_loop
         epochs, done = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current.processed
         epoch = epochs.processed
-        if epochs.processed == epochs.started:  # between epochs (e.g. saved after fit): the next one starts fresh
-            done = 0
+        if epochs.processed == epochs.started:  # between epochs, e.g. saved after fit
+            accumulate = self.trainer.accumulate_grad_batches
+            if 0 < done < self.trainer.num_training_batches // accumulate * accumulate:
+                # fit stopped inside that epoch (trainer.max_steps), which Lightning counts as finished: mark it
+                # unfinished, as in a mid-epoch checkpoint, so a resume continues inside it
+                epoch -= 1
+                checkpoint["epoch"] = int(epoch)
+                progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+                for counts in progress.values():
+                    counts["completed"] = counts["processed"] = counts["started"] - 1
+            else:
+                done = 0
         elif done >= self.trainer.num_training_batches:  # saved on the epoch's last batch
             epoch, done = epoch + 1, 0
         checkpoint["simmim"] = {

@@ -58,6 +58,7 @@ def test_wrong_type_names_key_and_type():
         load_recipe("pretrain", ["data.batch_size=big"])
     with pytest.raises(RecipeError, match=r"model.norm_target=3 has the wrong type.*give true or false"):
         load_recipe("pretrain", ["model.norm_target=3"])
+    assert load_recipe("pretrain", ["schedule.epochs=1.5"]).schedule.epochs == 1.5  # fractions where documented
 
 
 @pytest.mark.parametrize(

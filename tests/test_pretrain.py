@@ -117,9 +117,25 @@ def test_schedule_steps_sets_the_run_length_and_the_schedule_follows(image_folde
     assert lr[11] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * 8 / 9)))  # 8 of 9 decay steps done
 
 
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_exactly(image_folder, tmp_path):
+    """trainer.max_steps=5 stops inside the first epoch (6 steps); resume=auto continues with batch 6 of it."""
+    steps = ("schedule.steps=9", "schedule.epochs=1.5", "checkpoint.every_n_steps=0")
+    whole = run(load_recipe("pretrain", _args(image_folder, tmp_path / "whole", *steps, "trainer.max_steps=-1")))
+    pieces = _args(image_folder, tmp_path / "pieces", *steps)
+    run(load_recipe("pretrain", [*pieces, "trainer.max_steps=5"]))
+    out = run(load_recipe("pretrain", [*pieces, "trainer.max_steps=-1", "resume=auto"]))
+    assert whole["steps"] == out["steps"] == 9
+    ref, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "pieces")
+    assert sorted(resumed) == list(range(5, 9))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
 def test_max_steps_past_the_schedule_is_refused(image_folder, tmp_path):
     with pytest.raises(RecipeError, match=r"max_steps=14 is more than the 6 optimizer steps.*schedule.steps=14"):
         run(load_recipe("pretrain", _args(image_folder, tmp_path, "schedule.epochs=1")))
+    with pytest.raises(RecipeError, match=r"max_steps=14 is more than the 8 optimizer steps .*\(schedule.steps=8\)"):
+        run(load_recipe("pretrain", _args(image_folder, tmp_path / "b", "schedule.steps=8")))
 
 
 def test_a_new_run_refuses_a_folder_with_an_earlier_runs_checkpoints(reference, image_folder):
