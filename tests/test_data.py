@@ -543,7 +543,9 @@ def test_pretrain_validation_follows_the_root(tmp_path):
     explicit = build_datamodule(load_recipe("pretrain", [*base, f"data.val_root={other}"]), 4)
     assert {Path(explicit.val_source.name(i)).parent for i in range(2)} == {other}  # an explicit val_root wins
     assert build_datamodule(load_recipe("pretrain", [*base, "data.val_root=null"]), 4).val_source is None
-    split = build_datamodule(load_recipe("pretrain", [*base, "data.val_fraction=0.25"]), 4)
+    beside = build_datamodule(load_recipe("pretrain", [*base, "data.val_fraction=0.25"]), 4)
+    assert len(beside.val_source) == 6 and len(beside.val_indices) == 0  # val/ is the validation set: none held out
+    split = build_datamodule(load_recipe("pretrain", [*base, "data.val_root=null", "data.val_fraction=0.25"]), 4)
     assert split.val_source is None and len(split.val_indices) == 3
     assert _pretrain(write_images(tmp_path / "flat", 8)).val_source is None  # no train/ + val/: no validation folder
 
@@ -585,19 +587,17 @@ def test_too_few_images_for_a_batch_names_real_keys_and_what_shrank_the_set(tmp_
         pretrain.setup("fit")
 
 
-def test_val_fraction_that_empties_a_split_says_what_works(tmp_path):
+def test_val_fraction_holds_out_at_least_one_image_and_never_all(tmp_path):
     images = write_images(tmp_path / "images", 21)
-    hint = r"data.val_fraction=0.01 of 21 images leaves an empty validation split: use at least data.val_fraction=0.048"
-    with pytest.raises(DataError, match=hint + r" \(1 image\), or 0 to train without validation"):
-        _pretrain(images, val_fraction=0.01)
-    assert len(_pretrain(images, val_fraction=0.048).val_indices) == 1  # the suggestion works
-    with pytest.raises(DataError, match=r"leaves no training images: use at most data.val_fraction=0.952"):
-        _pretrain(images, val_fraction=0.99, batch_size=1)
-    assert len(_pretrain(images, val_fraction=0.952, batch_size=1).train_indices) == 1
+    assert len(_pretrain(images, val_fraction=0.01).val_indices) == 1  # 0.21 rounds to none: one image anyway
+    assert len(_pretrain(images, val_fraction=0.99, batch_size=1).train_indices) == 1
+    one = write_images(tmp_path / "one", 1)
+    with pytest.raises(DataError, match=r"data.val_fraction=0.5 cannot split 1 image: add images, or set .*=0"):
+        _pretrain(one, val_fraction=0.5, batch_size=1)
     for c, cls in enumerate(("ant", "bee")):
         write_images(tmp_path / "tree" / cls, 10 + c, seed=c)
-    with pytest.raises(DataError, match=hint):  # fine-tuning holds out the same way
-        ClassificationDataModule(tmp_path / "tree", img_size=32, num_workers=0, val_fraction=0.01)
+    dm = ClassificationDataModule(tmp_path / "tree", img_size=32, num_workers=0, val_fraction=0.01, batch_size=4)
+    assert len(dm.val_indices) == 1  # fine-tuning holds out the same way
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -11,7 +11,6 @@ the constructor, so a wrong or empty root fails before any model is built. The t
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,39 +41,22 @@ Root = str | os.PathLike | None
 
 
 def split_indices(size: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, val) split of ``range(size)`` with ``round(val_fraction * size)`` validation items."""
+    """Deterministic (train, val) split of ``range(size)``: ``round(val_fraction * size)`` validation items, but at
+    least one and never all (a small folder with the recipe's 1% still validates on one image)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     order = np.random.default_rng([seed, 0x5A11]).permutation(size)
-    n_val = round(val_fraction * size)
+    n_val = min(max(1, round(val_fraction * size)), size - 1) if val_fraction else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def check_split(size: int, val_fraction: float) -> None:
-    """Fail when ``split_indices(size, val_fraction)`` leaves the validation or the training split empty, saying
-    which fraction would work."""
-    if not val_fraction:
-        return
-    n_val = round(val_fraction * size)
-    if 0 < n_val < size:
-        return
-    if size < 2:
+    """Fail when ``val_fraction`` asks for a validation split of fewer than two images."""
+    if val_fraction and size < 2:
         raise DataError(
             f"data.val_fraction={val_fraction} cannot split {size} image: add images, or set data.val_fraction=0 "
             "to train without validation"
         )
-    digits = 1 - math.floor(math.log10(1 / size))  # two significant digits of 1/size: fine enough to name a bound
-    if n_val == 0:
-        least = math.ceil(10**digits / size) / 10**digits  # >= 1/size, so it holds out at least one image
-        raise DataError(
-            f"data.val_fraction={val_fraction} of {size} images leaves an empty validation split: use at least "
-            f"data.val_fraction={least:g} (1 image), or 0 to train without validation"
-        )
-    most = math.floor(10**digits * (size - 1) / size) / 10**digits
-    raise DataError(
-        f"data.val_fraction={val_fraction} of {size} images leaves no training images: use at most "
-        f"data.val_fraction={most:g}, or 0 to train without validation"
-    )
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -191,7 +173,7 @@ class PretrainDataModule(_DataModule):
     on held-out images, same augmentation but with crops and masks fixed per image so losses compare across
     steps) comes from ``val_root`` (for Fashion-MNIST: the test split) or a ``val_fraction`` of the training set.
     ``val_root="auto"`` (the default) follows the root: ``root/val`` when the root holds both ``train`` and ``val``
-    and ``val_fraction`` is 0, else no validation folder; ``None``: no validation folder.
+    (``val_fraction`` then unused), else no validation folder; ``None``: no validation folder.
     """
 
     def __init__(
@@ -219,7 +201,9 @@ class PretrainDataModule(_DataModule):
         super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
         self.save_hyperparameters()
         if str(val_root) == "auto":
-            val_root = None if val_fraction else _val_folder(root, source)
+            val_root = _val_folder(root, source)
+            if val_root is not None:  # a val/ folder beside train/ is the validation set: nothing held out
+                val_fraction = 0.0
         elif val_root is not None and val_fraction:
             raise ValueError(
                 f"give data.val_root={val_root} or data.val_fraction={val_fraction}, not both: set the other one to "
