@@ -256,6 +256,14 @@ class SimMIMPretrainModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("schedule")
+        if saved is not None and saved != self.hparams.schedule:
+            changed = ", ".join(
+                f"schedule.{k}={self.hparams.schedule.get(k)} (was {saved.get(k)})"
+                for k in sorted(set(saved) | set(self.hparams.schedule))
+                if saved.get(k) != self.hparams.schedule.get(k)
+            )
+            rank_zero_warn(f"resuming with another lr schedule than the checkpoint's: {changed}; the lr jumps there")
         state = checkpoint.get("simmim")
         if state is None:
             return

@@ -85,6 +85,12 @@ def test_resume_from_mid_epoch_checkpoint_matches(reference, image_folder, tmp_p
         assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
 
 
+def test_resuming_with_another_schedule_warns(reference, image_folder, tmp_path):
+    ckpt = reference[0] / "checkpoints" / "step=000009.ckpt"
+    with pytest.warns(UserWarning, match=r"another lr schedule .*schedule.epochs=4 \(was 3\)"):
+        run(load_recipe("pretrain", _args(image_folder, tmp_path, f"resume={ckpt}", "schedule.epochs=4")))
+
+
 def test_atomic_checkpoint_survives_crash_during_write(reference, tmp_path):
     good = tmp_path / "last.ckpt"
     good.write_bytes((reference[0] / "checkpoints" / "step=000003.ckpt").read_bytes())
