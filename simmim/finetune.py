@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from simmim.callbacks import AtomicCheckpointIO, prepare_run_folder
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
-from simmim.data import ClassificationDataModule, DataError
+from simmim.data import ClassificationDataModule, DataError, show_bad_images_plainly
 from simmim.distributed import make_trainer
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
 from simmim.models.swinv2 import SwinTransformerV2, compile_model, create_model
@@ -374,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    show_bad_images_plainly()
     try:
         cfg = load_recipe("finetune", argv, default="quickstart")
         metrics = run(cfg)

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint, prepare_run_folder
 from simmim.checkpoint import CheckpointError, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
-from simmim.data import DataError
+from simmim.data import DataError, show_bad_images_plainly
 from simmim.distributed import (
     full_state_dict,
     gather_rng_states,
@@ -576,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__ + f"\nRecipes (recipes/pretrain): {', '.join(available_recipes('pretrain'))}")
         return 0
+    show_bad_images_plainly()
     try:
         cfg = load_recipe("pretrain", argv)
         out = run(cfg)

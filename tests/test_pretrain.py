@@ -244,6 +244,25 @@ def test_cli_unreadable_images_in_a_loader_worker_end_in_one_error_line(tmp_path
 
 
 @pytest.mark.slow
+def test_cli_skipped_images_are_one_warning_line_each(image_folder, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in image_folder.iterdir():
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "broken.png").write_bytes(b"not an image")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    res = subprocess.run(
+        [sys.executable, "-m", "simmim.pretrain", *_args(data, tmp_path / "run", "data.num_workers=1")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stderr.splitlines()
+    hits = [i for i, line in enumerate(lines) if "skipping unreadable image" in line]
+    assert hits and all(lines[i].startswith("warning: skipping unreadable image") for i in hits), res.stderr[-3000:]
+    assert all("self.dataset[idx]" not in lines[i + 1] for i in hits if i + 1 < len(lines))
+
+
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_auto(reference, image_folder, tmp_path):
     ref_losses = _losses(reference[0])
     args = _args(image_folder, tmp_path, "checkpoint.keep_all=false")

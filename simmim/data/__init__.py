@@ -38,6 +38,7 @@ from simmim.data.datasets import (
     build_source,
     detect_source,
     read_idx,
+    show_bad_images_plainly,
 )
 from simmim.data.images import IMG_EXTENSIONS, BadImageError, open_image
 from simmim.data.sampler import EpochSampler
@@ -58,6 +59,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "BadImageError",
     "BadImageWarning",
+    "show_bad_images_plainly",
     "ClassificationDataModule",
     "DataError",
     "EpochSampler",

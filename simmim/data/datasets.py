@@ -27,6 +27,7 @@ __all__ = [
     "FASHION_MNIST_DIRS",
     "SOURCES",
     "BadImageWarning",
+    "show_bad_images_plainly",
     "DataError",
     "FashionMNIST",
     "ImageFiles",
@@ -344,6 +345,19 @@ def _is_int(s: str) -> bool:
 
 class BadImageWarning(UserWarning):
     """An unreadable image was skipped and replaced by another sample."""
+
+
+def show_bad_images_plainly() -> None:
+    """For command lines: print each :class:`BadImageWarning` as one ``warning: ...`` line, without the Python
+    source line that the default format adds (set before DataLoader workers start, so they inherit it)."""
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, BadImageWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
 
 
 class DataError(ValueError):
