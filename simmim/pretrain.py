@@ -138,6 +138,7 @@ class SimMIMPretrainModule(pl.LightningModule):
             **(schedule or {}),
         }
         self._resume_position: tuple[int, int] | None = None
+        self.resumed_step: int | None = None  # the global step of the checkpoint a fit resumed from
         self._rng_state: torch.Tensor | None = None
 
     # ---- steps --------------------------------------------------------------------------------------------
@@ -256,6 +257,7 @@ class SimMIMPretrainModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resumed_step = int(checkpoint.get("global_step", 0))
         saved = checkpoint.get("hyper_parameters", {}).get("schedule")
         if saved is not None and saved != self.hparams.schedule:
             changed = ", ".join(
@@ -557,6 +559,8 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
         "steps": trainer.global_step,
         "loss": float(trainer.callback_metrics.get("train/loss_step", float("nan"))),
     }
+    if module.resumed_step == trainer.global_step:  # resumed a finished run: nothing trained, nothing to rewrite
+        return {**out, "checkpoint": resume, "already_complete": True}
     trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     out["checkpoint"] = ckpt_dir / "last.ckpt"
     model = trained_model(trainer, module)
@@ -589,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if out.get("already_complete") and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"nothing to do: the run in {out['run_dir']} is complete at step {out['steps']} ({out['checkpoint']})")
     if out.get("encoder"):
         print(
             f"done: {out['steps']} steps in {out['seconds']:.0f} s, final loss {out['loss']:.4f}\n"

@@ -1,6 +1,7 @@
 import csv
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,15 @@ def test_resume_from_mid_epoch_checkpoint_matches(reference, image_folder, tmp_p
     assert sorted(resumed) == list(range(9, STEPS))
     for step in resumed:
         assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_resuming_a_finished_run_does_nothing(reference, image_folder, tmp_path):
+    run_dir = Path(shutil.copytree(reference[0], tmp_path / "done"))
+    outputs = ["encoder.safetensors", "checkpoints/last.ckpt"]
+    before = {name: (run_dir / name).stat().st_mtime_ns for name in outputs}
+    out = run(load_recipe("pretrain", _args(image_folder, run_dir, "resume=auto")))
+    assert out["steps"] == STEPS and out["already_complete"] and "encoder" not in out
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in outputs} == before  # nothing rewritten
 
 
 def test_resuming_with_another_schedule_warns(reference, image_folder, tmp_path):
