@@ -258,14 +258,10 @@ class SimMIMPretrainModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.resumed_step = int(checkpoint.get("global_step", 0))
-        saved = checkpoint.get("hyper_parameters", {}).get("schedule")
-        if saved is not None and saved != self.hparams.schedule:
-            changed = ", ".join(
-                f"schedule.{k}={self.hparams.schedule.get(k)} (was {saved.get(k)})"
-                for k in sorted(set(saved) | set(self.hparams.schedule))
-                if saved.get(k) != self.hparams.schedule.get(k)
-            )
-            rank_zero_warn(f"resuming with another lr schedule than the checkpoint's: {changed}; the lr jumps there")
+        saved, now = checkpoint.get("hyper_parameters", {}).get("schedule") or {}, self.hparams.schedule
+        changed = [f"schedule.{k}={now.get(k)} (was {saved.get(k)})" for k in sorted(saved) if saved[k] != now.get(k)]
+        if changed:  # keys new since the checkpoint's version are left out: they were not set then
+            rank_zero_warn(f"resuming with another lr schedule than the checkpoint's: {', '.join(changed)}")
         state = checkpoint.get("simmim")
         if state is None:
             return
