@@ -126,6 +126,7 @@ def shard_train_sampler(trainer: pl.Trainer) -> None:
         shuffle=sampler.shuffle,
         drop_last=sampler.drop_last,
         seed=sampler.seed,
+        size_notes=sampler.size_notes,
         rank=trainer.global_rank,
         world_size=trainer.world_size,
     )

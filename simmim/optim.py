@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from simmim.config import RecipeError
+
 __all__ = [
     "param_groups",
     "build_optimizer",
@@ -184,8 +186,6 @@ def run_length(epochs: float, steps: int | None, max_steps: int | None) -> tuple
 
 def check_max_steps(max_steps: int, total: int, epochs: float, steps: int | None) -> None:
     """``trainer.max_steps`` stops a run early; past the schedule's end it would be cut off there: refuse it."""
-    from simmim.config import RecipeError
-
     if max_steps > total:
         length = f"schedule.steps={steps}" if steps else f"schedule.epochs={epochs}"
         raise RecipeError(

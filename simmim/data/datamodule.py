@@ -19,11 +19,10 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from simmim.data.datasets import DataError, FashionMNIST, SampleDataset, build_source, detect_source
-from simmim.data.sampler import EpochSampler, too_few_samples
+from simmim.data.sampler import EpochSampler
 from simmim.data.transforms import (
     EVAL_RESIZE_RATIO,
     IMAGENET_MEAN,
@@ -109,8 +108,6 @@ class _DataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank = self.rank if self.rank is not None or trainer is None else trainer.global_rank
         world_size = self.world_size if self.world_size is not None or trainer is None else trainer.world_size
-        if train:
-            self._check_batch(len(dataset), world_size)
         return EpochSampler(
             len(dataset),
             self.batch_size,
@@ -119,14 +116,8 @@ class _DataModule(pl.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
+            size_notes=self.size_notes if train else (),
         )
-
-    def _check_batch(self, size: int, world_size: int | None) -> None:
-        """Training drops incomplete batches: fail when there is not one full batch per rank, saying why so few."""
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if size < self.batch_size * world_size:
-            raise DataError(too_few_samples(size, self.batch_size, world_size, self.size_notes))
 
     def _loader(self, dataset: SampleDataset | None, sampler: EpochSampler | None = None) -> DataLoader | list:
         if dataset is None:

@@ -42,7 +42,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     ``rank`` / ``world_size`` default to torch.distributed's when it is initialised, else 0 / 1. Call
     ``set_epoch(epoch)`` before each epoch (Lightning does) and ``skip_batches(n)`` to start the *next* iteration at
-    batch ``n`` (exact mid-epoch resume); ``len()`` is always the full epoch.
+    batch ``n`` (exact mid-epoch resume); ``len()`` is always the full epoch. ``size_notes``: why the set is this
+    small, for the message when it cannot fill one batch (see :func:`too_few_samples`).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        size_notes: Sequence[tuple[str, str]] = (),
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
@@ -63,11 +65,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.size, self.batch_size, self.shuffle, self.drop_last, self.seed = size, batch_size, shuffle, drop_last, seed
+        self.size_notes = tuple(size_notes)
         if drop_last:
             self.num_batches = size // (self.world_size * batch_size)
             self.num_samples = self.num_batches * batch_size
             if self.num_batches == 0:
-                raise DataError(too_few_samples(size, batch_size, self.world_size))
+                raise DataError(too_few_samples(size, batch_size, self.world_size, size_notes))
         else:
             self.num_samples = math.ceil(size / self.world_size)
             self.num_batches = math.ceil(self.num_samples / batch_size)
