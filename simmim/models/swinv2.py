@@ -342,7 +342,7 @@ def cosine_window_attention(
                 torch.softmax(a, -1, out=a)
             else:  # low precision: bias and softmax in float32
                 torch.bmm(qi, ki.transpose(-2, -1), out=a)
-                logits = torch.add(attn[i:j], bias, out=scratch[: j - i])
+                logits = scratch[: j - i].copy_(attn[i:j]).add_(bias)
                 attn[i:j].copy_(torch.softmax(logits, -1, out=logits))
         out = torch.matmul(attn, v).view(bw, nh, n, -1).transpose(1, 2).reshape(bw, n, -1)
     return out, heads, norms, attn
