@@ -1,25 +1,32 @@
 """Training-safety pieces shared by pretraining and fine-tuning: crash-safe checkpoint files, finding the
-checkpoint to resume from, and a guard against non-finite losses and gradients (fp16 NaNs: SimMIM#15, Swin#82)."""
+checkpoint to resume from, exact resumes, and a guard against non-finite losses and gradients (fp16 NaNs:
+SimMIM#15, Swin#82)."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.checkpoint import atomic_torch_save, remove_stale_temporaries
 from simmim.config import RecipeError
-from simmim.distributed import sharding_strategy
+from simmim.distributed import gather_rng_states, rescale_position, seed_rank, sharding_strategy
 
 __all__ = [
     "AtomicCheckpointIO",
+    "ExactResume",
     "latest_checkpoint",
     "prepare_run_folder",
+    "resolve_resume",
     "NonFiniteError",
     "NonFiniteGuard",
     "ProgressBar",
@@ -56,6 +63,101 @@ def prepare_run_folder(run_dir: str | Path, new_run: bool, what_to_do: str) -> N
         raise RecipeError(f"run folder {run_dir} already holds checkpoints of an earlier run ({listed}): {what_to_do}")
     for folder in (run_dir, ckpt_dir):
         remove_stale_temporaries(folder)
+
+
+def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to continue from (None: a new run)."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        if not cfg.run_dir and not cfg.name:
+            raise RecipeError("resume=auto looks in the run folder: give run_dir=PATH (or name=NAME) as well")
+        found = latest_checkpoint(ckpt_dir)
+        if found is None:
+            print(f"resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")
+        return found
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise RecipeError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    return path
+
+
+class ExactResume:
+    """LightningModule mixin: a resume continues a run exactly, as if it had never stopped.
+
+    Checkpoints record where the data stream stands (epoch, batches done in it, images per loader step) and each
+    rank's CPU generator; a resume tells the data module's ``train_sampler`` (an ``EpochSampler``: its batches
+    and each sample's augmentation follow from (seed, epoch, index)) to skip the batches already seen and continues
+    every rank's generator (drop path). The module gives :meth:`loader_batch` and :meth:`schedule_hparams`.
+    """
+
+    resumed_step: int | None = None  # the global step of the checkpoint a fit resumed from
+    _rng_state: torch.Tensor | None = None
+
+    def loader_batch(self) -> int:
+        """Images per loader step over all processes (the data position in checkpoints counts these)."""
+        raise NotImplementedError
+
+    def schedule_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The schedule's settings in ``hparams`` (these or a checkpoint's), by recipe key: a resume warns when
+        they changed."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Where the data stream stands: epoch and batches done in it (the current one included when saving at a
+        # batch end), so a resume continues with the same batches, augmentations and masks.
+        trainer = self.trainer
+        loop = trainer.fit_loop
+        epochs, done = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current.processed
+        epoch = epochs.processed
+        if epochs.processed == epochs.started:  # between epochs, e.g. saved after fit
+            accumulate = trainer.accumulate_grad_batches
+            if 0 < done < trainer.num_training_batches // accumulate * accumulate:
+                # fit stopped inside that epoch (trainer.max_steps), which Lightning counts as finished: mark it
+                # unfinished, as in a mid-epoch checkpoint, so a resume continues inside it
+                epoch -= 1
+                checkpoint["epoch"] = int(epoch)
+                progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+                for counts in progress.values():
+                    counts["completed"] = counts["processed"] = counts["started"] - 1
+            else:
+                done = 0
+        elif done >= trainer.num_training_batches:  # saved on the epoch's last batch
+            epoch, done = epoch + 1, 0
+        checkpoint["simmim"] = {
+            "epoch": int(epoch),
+            "batches_done": int(done),
+            "loader_batch": self.loader_batch(),
+            "torch_rng": gather_rng_states(trainer),  # one row per rank
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resumed_step = int(checkpoint.get("global_step", 0))
+        saved, now = self.schedule_hparams(checkpoint.get("hyper_parameters", {})), self.schedule_hparams(self.hparams)
+        changed = [f"{k}={now.get(k)} (was {saved[k]})" for k in sorted(saved) if saved[k] != now.get(k)]
+        if changed:  # keys new since the checkpoint's version are left out: they were not set then
+            rank_zero_warn(f"resuming with another lr schedule than the checkpoint's: {', '.join(changed)}")
+        state = checkpoint.get("simmim")
+        if state is None:
+            return
+        done = rescale_position(state["batches_done"], state.get("loader_batch"), self.loader_batch())
+        self._rng_state = state["torch_rng"]
+        # Runs before the train loader is created (and iterated): tell the sampler where to start.
+        sampler = getattr(self.trainer.datamodule, "train_sampler", None)
+        if not (hasattr(sampler, "skip_batches") and hasattr(sampler, "set_epoch")):
+            warnings.warn(
+                "resuming without a datamodule whose train_sampler offers set_epoch() and skip_batches() "
+                "(simmim.data's data modules do): the interrupted epoch restarts from its first batch",
+                stacklevel=2,
+            )
+            return
+        sampler.set_epoch(state["epoch"])
+        sampler.skip_batches(done)
+
+    def on_train_start(self) -> None:
+        # drop path draws from the global generator: continue each rank's stream where the checkpoint left it
+        seed_rank(self.trainer, self._rng_state)
+        self._rng_state = None
 
 
 class NonFiniteError(RuntimeError):

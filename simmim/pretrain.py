@@ -28,16 +28,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.callbacks import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, latest_checkpoint, prepare_run_folder
+from simmim.callbacks import (
+    AtomicCheckpointIO,
+    ExactResume,
+    NonFiniteError,
+    NonFiniteGuard,
+    prepare_run_folder,
+    resolve_resume,
+)
 from simmim.checkpoint import CheckpointError, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
 from simmim.data import DataError, show_bad_images_plainly
 from simmim.distributed import (
     full_state_dict,
-    gather_rng_states,
     make_trainer,
-    rescale_position,
-    seed_rank,
     shard_optimizer,
     shard_train_sampler,
     sharding_strategy,
@@ -70,7 +74,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k not in RUNTIME_ONLY}
 
 
-class SimMIMPretrainModule(pl.LightningModule):
+class SimMIMPretrainModule(ExactResume, pl.LightningModule):
     """SimMIM pretraining of a SwinV2 encoder.
 
     Args:
@@ -137,9 +141,6 @@ class SimMIMPretrainModule(pl.LightningModule):
             "gamma": 0.1,
             **(schedule or {}),
         }
-        self._resume_position: tuple[int, int] | None = None
-        self.resumed_step: int | None = None  # the global step of the checkpoint a fit resumed from
-        self._rng_state: torch.Tensor | None = None
 
     # ---- steps --------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -228,74 +229,8 @@ class SimMIMPretrainModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    # ---- exact resume --------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Where the data stream stands: epoch and batches done in it (the current one included when saving
-        # at a batch end), so a resume continues with the same batches, masks and augmentations.
-        loop = self.trainer.fit_loop
-        epochs, done = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current.processed
-        epoch = epochs.processed
-        if epochs.processed == epochs.started:  # between epochs, e.g. saved after fit
-            accumulate = self.trainer.accumulate_grad_batches
-            if 0 < done < self.trainer.num_training_batches // accumulate * accumulate:
-                # fit stopped inside that epoch (trainer.max_steps), which Lightning counts as finished: mark it
-                # unfinished, as in a mid-epoch checkpoint, so a resume continues inside it
-                epoch -= 1
-                checkpoint["epoch"] = int(epoch)
-                progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-                for counts in progress.values():
-                    counts["completed"] = counts["processed"] = counts["started"] - 1
-            else:
-                done = 0
-        elif done >= self.trainer.num_training_batches:  # saved on the epoch's last batch
-            epoch, done = epoch + 1, 0
-        checkpoint["simmim"] = {
-            "epoch": int(epoch),
-            "batches_done": int(done),
-            "loader_batch": self.loader_batch(),
-            "torch_rng": gather_rng_states(self.trainer),  # one row per rank
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.resumed_step = int(checkpoint.get("global_step", 0))
-        saved, now = checkpoint.get("hyper_parameters", {}).get("schedule") or {}, self.hparams.schedule
-        changed = [f"schedule.{k}={now.get(k)} (was {saved.get(k)})" for k in sorted(saved) if saved[k] != now.get(k)]
-        if changed:  # keys new since the checkpoint's version are left out: they were not set then
-            rank_zero_warn(f"resuming with another lr schedule than the checkpoint's: {', '.join(changed)}")
-        state = checkpoint.get("simmim")
-        if state is None:
-            return
-        done = rescale_position(state["batches_done"], state.get("loader_batch"), self.loader_batch())
-        self._resume_position = (state["epoch"], done)
-        self._rng_state = state["torch_rng"]
-        # Runs before the train loader is created (and iterated): tell the sampler where to start.
-        self._position_sampler()
-
-    def _position_sampler(self) -> None:
-        if self._resume_position is None:
-            return
-        sampler = _train_sampler(self.trainer.datamodule)
-        if sampler is None:
-            warnings.warn(
-                "resuming without a datamodule whose train_sampler offers set_epoch() and skip_batches() "
-                "(simmim.data.PretrainDataModule does): the interrupted epoch restarts from its first batch",
-                stacklevel=2,
-            )
-            return
-        epoch, done = self._resume_position
-        sampler.set_epoch(epoch)
-        sampler.skip_batches(done)
-
-    def on_train_start(self) -> None:
-        # drop path draws from the global generator: continue each rank's stream where the checkpoint left it
-        seed_rank(self.trainer, self._rng_state)
-        self._rng_state = None
-        self._resume_position = None
-
-
-def _train_sampler(datamodule: Any) -> Any:
-    sampler = getattr(datamodule, "train_sampler", None)
-    return sampler if hasattr(sampler, "skip_batches") and hasattr(sampler, "set_epoch") else None
+    def schedule_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        return {f"schedule.{k}": v for k, v in (hparams.get("schedule") or {}).items()}
 
 
 # ---- recipe -> objects ---------------------------------------------------------------------------------------
@@ -375,23 +310,6 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         raise RecipeError("under a multi-process launcher give run_dir=PATH or name=NAME so every rank agrees")
     name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(cfg.output_dir) / str(cfg.recipe) / str(name)
-
-
-def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to continue from (None: a new run)."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        if not cfg.run_dir and not cfg.name:
-            raise RecipeError("resume=auto looks in the run folder: give run_dir=PATH (or name=NAME) as well")
-        found = latest_checkpoint(ckpt_dir)
-        if found is None:
-            print(f"resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")
-        return found
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise RecipeError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
-    return path
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
