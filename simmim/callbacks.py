@@ -4,9 +4,10 @@ SimMIM#15, Swin#82)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "ExactResume",
     "latest_checkpoint",
     "prepare_run_folder",
+    "quiet_exact_resume",
     "resolve_resume",
     "NonFiniteError",
     "NonFiniteGuard",
@@ -158,6 +160,18 @@ class ExactResume:
         # drop path draws from the global generator: continue each rank's stream where the checkpoint left it
         seed_rank(self.trainer, self._rng_state)
         self._rng_state = None
+
+
+@contextlib.contextmanager
+def quiet_exact_resume() -> Iterator[None]:
+    """Around ``Trainer.fit`` of an :class:`ExactResume` module: without Lightning's warnings that a mid-epoch resume
+    is unreliable (the sampler skips the batches already seen) and that the checkpoint folder is not empty (a
+    resume writes on in its run's folder; new runs are refused there), or its note on an empty validation set."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+        warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+        yield
 
 
 class NonFiniteError(RuntimeError):

@@ -102,7 +102,7 @@ _MINIMA = {
     "data.batch_size": (1, "images per device and step"),
     "data.num_workers": (0, "0 loads in the main process"),
     "data.max_bad_files": (0, "0 stops at the first unreadable image"),
-    "checkpoint.every_n_steps": (0, "0 saves only last.ckpt at the end"),
+    "checkpoint.every_n_steps": (0, "0: no checkpoints every N steps"),
     "schedule.warmup_epochs": (0, "0: no warmup"),
     "reconstructions": (0, "0: no reconstructions.png"),
     "visualize_every_n_steps": (0, "0: no grids during training"),

@@ -1,6 +1,7 @@
 """Fine-tuning, linear probing and kNN evaluation of a (SimMIM-pretrained) SwinV2 encoder.
 
-``python -m simmim.finetune recipe=NAME pretrained=PATH data.root=PATH key=value ...``
+``python -m simmim.finetune recipe=NAME pretrained=PATH data.root=PATH key=value ...``; ``resume=auto run_dir=PATH``
+continues a stopped run exactly (``checkpoint.every_n_steps`` sets how often ``last.ckpt`` is written).
 
 The fine-tuning recipe is the official one (SwinT main_simmim_ft.py, utils_simmim.py): AdamW with layer-wise lr
 decay (applied once), no decay for norms/biases/position-bias MLP, per-step warmup + cosine, gradient clipping
@@ -15,7 +16,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from simmim.callbacks import AtomicCheckpointIO, prepare_run_folder
+from simmim.callbacks import (
+    AtomicCheckpointIO,
+    ExactResume,
+    NonFiniteError,
+    NonFiniteGuard,
+    prepare_run_folder,
+    quiet_exact_resume,
+    resolve_resume,
+)
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule, DataError, show_bad_images_plainly
@@ -48,13 +57,14 @@ __all__ = ["FinetuneModule", "run", "main"]
 MODES = ("finetune", "linear_probe", "knn")
 
 
-class FinetuneModule(pl.LightningModule):
+class FinetuneModule(ExactResume, pl.LightningModule):
     """Image classification with a SwinV2: full fine-tuning or a linear probe on the frozen encoder.
 
     ``lr``, ``warmup_lr`` and ``min_lr`` are per 512 images and scaled by the total batch (batch size x devices
     x accumulation) when the optimizer is built, as in the official code. Validation and test log ``top1``,
     ``top5`` (with >= 5 classes; in percent) and ``loss``; the test also keeps per-class accuracy and the
-    confusion matrix in :attr:`test_results`.
+    confusion matrix in :attr:`test_results`. Checkpoints resume exactly on simmim's data modules (mixup's random
+    stream included).
     """
 
     def __init__(
@@ -134,7 +144,8 @@ class FinetuneModule(pl.LightningModule):
         else:
             loss = F.cross_entropy(self(images).float(), labels, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=labels.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], on_step=True, on_epoch=False)
+        lr = max(g["lr"] for g in self.optimizers().param_groups)  # the head's, under layer-wise decay
+        self.log("lr", lr, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
@@ -208,6 +219,25 @@ class FinetuneModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ---- exact resume (simmim.callbacks.ExactResume) -----------------------------------------------------
+    def loader_batch(self) -> int:
+        return self.hparams.batch_size * self.trainer.world_size
+
+    def schedule_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        keys = {"epochs": "schedule.epochs", "steps": "schedule.steps", "warmup_epochs": "schedule.warmup_epochs"}
+        keys.update({k: f"optim.{k}" for k in ("lr", "warmup_lr", "min_lr", "layer_decay")})
+        return {recipe_key: hparams[k] for k, recipe_key in keys.items() if k in hparams}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["simmim"]["mixup_rng"] = self.mixup.rng.bit_generator.state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("simmim", {}).get("mixup_rng")
+        if state is not None:
+            self.mixup.rng.bit_generator.state = state
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -295,7 +325,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
     windows = weights.window_sizes if weights is not None else None
     run_dir = _run_dir(cfg)
-    prepare_run_folder(run_dir, True, "give another run_dir (or name), or delete that folder")
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.mode == "knn" and cfg.resume:
+        raise RecipeError("mode=knn trains nothing, so there is nothing to resume: leave resume unset")
+    resume = resolve_resume(cfg, ckpt_dir)
+    prepare_run_folder(
+        run_dir, resume is None, "pass resume=auto to continue it, or give another run_dir (or name) for a new run"
+    )
     save_recipe(cfg, run_dir / "recipe.yaml")
     if cfg.mode == "knn":
         metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}
@@ -323,11 +359,15 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         print(load)
         (run_dir / "load_report.txt").write_text(str(load) + "\n")
 
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/top1", mode="max", save_last=True
+        dirpath=ckpt_dir, filename="best", monitor="val/top1", mode="max", save_on_train_epoch_end=False
+    )
+    every = int(cfg.checkpoint.every_n_steps)
+    last = ModelCheckpoint(  # after best (its state is then current): last.ckpt every N steps, else each epoch
+        dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=every if every > 0 else None
     )
     logs = run_dir / "logs"
     version = f"version_{sum(1 for p in logs.glob('version_*'))}"  # one folder per launch
@@ -340,12 +380,15 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False),
             CSVLogger(logs, name=version, version="csv"),
         ],
-        callbacks=[ckpt, LearningRateMonitor("step")],
+        callbacks=[ckpt, last, NonFiniteGuard(cfg.nan_policy)],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
         **trainer_kw,
     )
-    trainer.fit(module, datamodule=dm)
+    with quiet_exact_resume():
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    if module.resumed_step != trainer.global_step:  # stopped by trainer.max_steps mid-epoch: resumable from here
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     best = ckpt.best_model_path or None
     test_split = "val" if dm.test_source is dm.val_source else "test"  # no separate test split: the val set
     (result,) = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=best, weights_only=True)
@@ -357,6 +400,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
         "best_val_top1": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
         "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
         "test_split": test_split,
         "test": {k.split("/", 1)[1]: v for k, v in result.items() if "acc_class" not in k},
         **module.test_results,
@@ -384,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, CheckpointError, OSError, ValueError) as e:  # OSError: a missing root or file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "load_report")}, indent=2))
     return 0
 

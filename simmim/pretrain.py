@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from simmim.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     prepare_run_folder,
+    quiet_exact_resume,
     resolve_resume,
 )
 from simmim.checkpoint import CheckpointError, save_encoder
@@ -460,10 +460,7 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     start = time.perf_counter()
     os.environ["SIMMIM_RUN_DIR"] = str(run_dir)  # DDP workers spawned by Lightning reuse the same folder
     try:
-        with warnings.catch_warnings():
-            # mid-epoch resumes are exact here: the sampler skips the batches already seen (on_load_checkpoint)
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # no val set
+        with quiet_exact_resume():
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     finally:
         os.environ.pop("SIMMIM_RUN_DIR", None)

@@ -66,7 +66,7 @@ def test_wrong_type_names_key_and_type():
     [
         ("pretrain", "data.batch_size=0", r"data.batch_size=0 must be >= 1"),
         ("finetune", "data.batch_size=-4", r"data.batch_size=-4 must be >= 1"),
-        ("pretrain", "checkpoint.every_n_steps=-1", r"checkpoint.every_n_steps=-1 must be >= 0 \(0 saves only"),
+        ("finetune", "checkpoint.every_n_steps=-1", r"checkpoint.every_n_steps=-1 must be >= 0 \(0: no"),
         ("pretrain", "data.num_workers=-1", r"data.num_workers=-1 must be >= 0"),
         ("finetune", "schedule.epochs=0", r"schedule.epochs=0 must be > 0"),
     ],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.checkpoint import load_pretrained, save_encoder
-from simmim.finetune import FinetuneModule
+from simmim.config import load_recipe
+from simmim.finetune import FinetuneModule, run
 from simmim.models.simmim import build_simmim
 
 TINY = dict(img_size=32, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4)
@@ -173,7 +177,7 @@ def test_cli_finetunes_from_an_encoder_file(folders, tmp_path):
     before = (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns
     again = run_cli(f"run_dir={run}", f"data.root={folders}", "data.source=imagefolder", cwd=tmp_path)
     assert again.returncode == 2
-    assert "already holds checkpoints of an earlier run (best.ckpt, last.ckpt): give another run_dir" in again.stderr
+    assert "already holds checkpoints of an earlier run (best.ckpt, last.ckpt): pass resume=auto" in again.stderr
     assert (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
 
 
@@ -198,3 +202,73 @@ def test_cli_knn(folders, tmp_path):
     metrics = json.loads((tmp_path / "knn" / "metrics.json").read_text())
     assert metrics["mode"] == "knn" and metrics["k"] == 20
     assert metrics["val"]["top1"] > 90  # colour classes: separable even for an untrained encoder
+
+
+# ---- exact resume ---------------------------------------------------------------------------------------------
+
+
+def resume_args(folders: Path, run_dir: Path, *extra: str) -> list[str]:
+    """24 images, batch 4: 6 steps an epoch, 2 epochs; mixup, cutmix and drop path draw random numbers."""
+    return [
+        "recipe=quickstart", f"pretrained={folders / 'encoder.safetensors'}", f"data.root={folders}",
+        "data.source=imagefolder", "data.batch_size=4", "data.num_workers=0", "data.label_fraction=1.0",
+        "model.drop_path_rate=0.2", "schedule.epochs=2", "trainer.log_every_n_steps=1", f"run_dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """{global step: training loss} of the run's last launch (CSV logs)."""
+    last = max((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(last / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")}
+
+
+@pytest.fixture(scope="module")
+def whole_run(folders, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("whole")
+    return run_dir, run(load_recipe("finetune", resume_args(folders, run_dir)))
+
+
+def test_fine_tuning_stopped_by_max_steps_resumes_exactly(folders, whole_run, tmp_path):
+    """trainer.max_steps=5 stops inside the first epoch; resume=auto continues with its batch 6, with the mixup,
+    cutmix and drop-path draws of the uninterrupted run, and ends with its test result."""
+    whole_dir, whole = whole_run
+    pieces = resume_args(folders, tmp_path)
+    run(load_recipe("finetune", [*pieces, "trainer.max_steps=5"]))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    out = run(load_recipe("finetune", [*pieces, "resume=auto"]))
+    ref, resumed = step_losses(whole_dir), step_losses(tmp_path)
+    assert sorted(ref) == list(range(12)) and sorted(resumed) == list(range(5, 12))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
+    assert out["steps"] == whole["steps"] == 12 and out["test"] == pytest.approx(whole["test"], abs=1e-6)
+    assert out["best_val_top1"] == pytest.approx(whole["best_val_top1"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_killed_mid_epoch_resumes_from_its_step_checkpoint(folders, whole_run, tmp_path):
+    """checkpoint.every_n_steps=4 writes last.ckpt at steps 4 and 8: a run killed after the first resumes there."""
+    args = resume_args(folders, tmp_path, "checkpoint.every_n_steps=4")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simmim.finetune", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    res = run_cli(*args, "resume=auto", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref, resumed = step_losses(whole_run[0]), step_losses(tmp_path)
+    assert min(resumed) in (4, 8) and max(resumed) == 11
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"] == pytest.approx(whole_run[1]["test"], abs=1e-6)
+
+
+def test_knn_refuses_resume(folders, tmp_path):
+    out = run_cli("recipe=knn", f"data.root={folders}", f"run_dir={tmp_path}", "resume=auto", cwd=tmp_path)
+    assert out.returncode == 2 and "mode=knn trains nothing" in out.stderr
