@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from simmim.models.ops import linear
+
 __all__ = [
     "SwinTransformerV2",
     "WindowAttention",
@@ -86,7 +88,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.drop(self.act(linear(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(linear(x, self.fc2.weight, self.fc2.bias))
 
 
 def relative_coords_table(window: tuple[int, int], pretrained_window: tuple[int, int]) -> torch.Tensor:
@@ -191,7 +194,7 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = linear(x, self.qkv.weight, bias)
         # Cosine similarity with a learnt temperature (eq. 2), clamped at 100 and computed in float32 (at least).
         scale = torch.clamp(_upcast(self.logit_scale), max=LOG_MAX_SCALE).exp()
         pos_bias = self.position_bias()  # [nH, N, N]
@@ -211,7 +214,7 @@ class WindowAttention(nn.Module):
                 else:
                     out.append(_chunk_attention(*args))
             out = torch.cat(out)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
 
     def extra_repr(self) -> str:
         return (
@@ -579,7 +582,7 @@ class PatchMerging(nn.Module):
         if h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.norm(self.reduction(x))
+        return self.norm(linear(x, self.reduction.weight))
 
 
 class PatchEmbed(nn.Module):
