@@ -1,14 +1,13 @@
-"""Linear layers on CPU through oneDNN, with a hand-written backward.
+"""Float32 linear layers on CPU through oneDNN, with a hand-written backward.
 
 Why: ATen's CPU ``addmm`` runs float32 products on MKL's sgemm, which on AMD CPUs takes a generic path at about
-half of what the cores do (SwinV2-T's linear layers: ~210 GFLOP/s here, against ~440 through oneDNN's JIT kernels),
-and adds the bias in a pass of its own over the output. oneDNN's inner product (``mkldnn::_linear_pointwise``, the
-kernel inductor emits for CPU linears) fuses the bias and runs float32 at full width; results agree with
-``F.linear`` to float32 / bfloat16 rounding. Float32 gradients go through oneDNN too; bfloat16 gradients, where
-ATen already calls oneDNN, stay on ATen.
+half of what the cores do (here ~210 GFLOP/s, against ~440 through oneDNN's JIT kernels), and adds the bias in a
+pass of its own over the output. oneDNN's inner product (``mkldnn::_linear_pointwise``, the kernel inductor emits
+for CPU linears) fuses the bias and runs at full AVX-512 width, for the forward product and both gradient products;
+results agree with ``F.linear`` to float32 rounding. Everything else (bfloat16 autocast, where ATen already calls
+oneDNN and the fused bias measured within noise; other devices and dtypes; ``torch.compile``) is ``F.linear``.
 
-``simmim.models.ops.ONEDNN_LINEAR = False`` (or ``SIMMIM_ONEDNN_LINEAR=0`` in the environment) falls back to
-``F.linear`` everywhere.
+``simmim.models.ops.ONEDNN_LINEAR = False`` (or ``SIMMIM_ONEDNN_LINEAR=0`` in the environment) turns it off.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 __all__ = ["linear", "ONEDNN_LINEAR"]
 
 ONEDNN_LINEAR = os.environ.get("SIMMIM_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
-_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,34 +39,25 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         n, k = weight.shape
         g, x2 = grad.reshape(-1, n), x.reshape(-1, k)
-        fp32 = grad.dtype == torch.float32
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (_onednn(g, weight.t().contiguous()) if fp32 else g @ weight).view(x.shape)
+            grad_x = _onednn(g, weight.t().contiguous()).view(x.shape)
         if ctx.needs_input_grad[1]:
-            if not fp32:
-                grad_w = g.t() @ x2
-            elif n > k:  # oneDNN is fastest with the wider of the two as its output columns (2x on 18432 x 96 x 384)
-                grad_w = _onednn(x2.t(), g.t()).t()
-            else:
-                grad_w = _onednn(g.t(), x2.t())
+            # oneDNN is fastest with the wider of the two as its output columns (2x for 18432 x 96 x 384)
+            grad_w = _onednn(x2.t(), g.t()).t() if n > k else _onednn(g.t(), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (autocast included); float32 and bfloat16 on CPU through oneDNN (see the module docstring)."""
-    if not ONEDNN_LINEAR or x.device.type != "cpu" or torch.compiler.is_compiling():
+    """``F.linear``; float32 on CPU (outside autocast) through oneDNN (see the module docstring)."""
+    if (
+        not ONEDNN_LINEAR
+        or x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled("cpu")
+        or not all(t.dtype == torch.float32 for t in (x, weight, bias) if t is not None)
+    ):
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled("cpu") and x.is_floating_point():
-        dtype = torch.get_autocast_dtype("cpu")
-        if dtype not in _DTYPES:
-            return F.linear(x, weight, bias)
-        # the casts autocast would make, here so that autograd records them (gradients return in float32)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return F.linear(x, weight, bias)
-    with torch.autocast("cpu", enabled=False):
-        return _OneDNNLinear.apply(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
