@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
 
 import simmim.models.ops as ops
 from simmim.models.ops import linear
@@ -45,3 +46,28 @@ def test_other_dtypes_autocast_and_the_switch_take_f_linear(monkeypatch):
     assert out.dtype == torch.bfloat16 and out.grad_fn.name() == "MmBackward0"
     monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
     assert linear(x, w).grad_fn.name() == "MmBackward0"
+
+
+@pytest.mark.slow
+def test_compiled_graph_keeps_the_onednn_kernel():
+    """Under torch.compile the kernel is an opaque op (inductor lowers mkldnn linears only for frozen weights):
+    same outputs and gradients as eager."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(6, 5, 40, generator=g), torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
+
+    def fn(x, w, b):
+        return torch.nn.functional.gelu(linear(x, w, b)).square()
+
+    ref, ref_grads = _grads(fn, x, w, b)
+    got, got_grads = _grads(torch.compile(fn, fullgraph=True), x, w, b)  # inductor
+    torch.testing.assert_close(got, ref)
+    for a, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, r)
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm
+
+    _grads(torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), x, w, b)
+    assert len(graphs) == 2 and all("simmim.onednn_linear.default" in ops_seen for ops_seen in graphs), graphs

@@ -4,8 +4,9 @@ Why: ATen's CPU ``addmm`` runs float32 products on MKL's sgemm, which on AMD CPU
 half of what the cores do (here ~210 GFLOP/s, against ~440 through oneDNN's JIT kernels), and adds the bias in a
 pass of its own over the output. oneDNN's inner product (``mkldnn::_linear_pointwise``, the kernel inductor emits
 for CPU linears) fuses the bias and runs at full AVX-512 width, for the forward product and both gradient products;
-results agree with ``F.linear`` to float32 rounding. Everything else (bfloat16 autocast, where ATen already calls
-oneDNN and the fused bias measured within noise; other devices and dtypes; ``torch.compile``) is ``F.linear``.
+results agree with ``F.linear`` to float32 rounding; ``torch.compile`` keeps the kernel as an opaque op. Everything
+else (bfloat16 autocast, where ATen already calls oneDNN and the fused bias measured within noise; other devices and
+dtypes) is ``F.linear``.
 
 ``simmim.models.ops.ONEDNN_LINEAR = False`` (or ``SIMMIM_ONEDNN_LINEAR=0`` in the environment) turns it off.
 """
@@ -22,9 +23,27 @@ __all__ = ["linear", "ONEDNN_LINEAR"]
 ONEDNN_LINEAR = os.environ.get("SIMMIM_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias) by oneDNN's inner product (strided operands allowed)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# The same kernel as an opaque op for torch.compile: inductor lowers mkldnn::_linear_pointwise only for constant
+# (frozen) weights; eager calls skip the custom op's dispatch overhead.
+@torch.library.custom_op("simmim::onednn_linear", mutates_args=(), device_types="cpu")
+def _inner_product_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _inner_product(x, weight, bias)
+
+
+@_inner_product_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _inner_product_op(x, weight, bias)
+    return _inner_product(x, weight, bias)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -55,7 +74,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (
         not ONEDNN_LINEAR
         or x.device.type != "cpu"
-        or torch.compiler.is_compiling()
         or torch.is_autocast_enabled("cpu")
         or not all(t.dtype == torch.float32 for t in (x, weight, bias) if t is not None)
     ):
