@@ -5,12 +5,12 @@
 
 Times five steps, interleaved: each model as is, and each with its window attention's core (normalisation, logits,
 Log-CPB position bias, mask, softmax, attention times values, in forward and backward) replaced by the same
-stand-in, the value slice of the qkv projection. Everything else (qkv and output projections, MLPs, norms, patch
-merging, head, loss, AdamW) is left as is. The difference is what the attention costs; the stand-in steps show how the
-rest compares, and so the ours / timm ratio that a free attention would give. The fifth step bounds what any
-implementation that forms the logits can reach: our model with an attention made of its matrix products alone
-(head-major q, k, v; q k^T; times v; and their four backward products), every elementwise pass (normalisation,
-temperature, bias, mask, softmax and their backward) free.
+stand-in, the value slice of the qkv projection (through each model's own linear layers). Everything else (qkv and
+output projections, MLPs, norms, patch merging, head, loss, AdamW) is left as is. The difference is what the
+attention costs; the stand-in steps show how the rest compares, and so the ours / timm ratio that a free attention
+would give. The fifth step bounds what any implementation that forms the logits can reach: our model with an
+attention made of its matrix products alone (head-major q, k, v; q k^T; times v; and their four backward
+products), every elementwise pass (normalisation, temperature, bias, mask, softmax and their backward) free.
 """
 
 from __future__ import annotations
@@ -30,19 +30,28 @@ def _value_slice(qkv: torch.Tensor) -> torch.Tensor:
     return qkv[..., 2 * qkv.shape[-1] // 3 :]
 
 
+def _projections(self) -> tuple:
+    """qkv and output projections of either model's WindowAttention (both have q_bias and v_bias, a zero k bias),
+    each through the model's own linear layer (ours: float32 on oneDNN)."""
+    linear = swinv2.linear if isinstance(self, swinv2.WindowAttention) else F.linear
+    bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+    return lambda x: linear(x, self.qkv.weight, bias), lambda x: linear(x, self.proj.weight, self.proj.bias)
+
+
 def _stand_in(self, x: torch.Tensor, mask: object = None) -> torch.Tensor:
-    """WindowAttention.forward of either model (both have q_bias and v_bias, a zero k bias) without the attention."""
-    qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
-    return self.proj_drop(self.proj(_value_slice(qkv)))
+    """WindowAttention.forward of either model without the attention."""
+    qkv, proj = _projections(self)
+    return self.proj_drop(proj(_value_slice(qkv(x))))
 
 
 def _matmuls_only(self, x: torch.Tensor, mask: object = None) -> torch.Tensor:
     """An attention with only the matrix products of the real one: (q k^T) v per window and head."""
-    qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
+    qkv_proj, proj = _projections(self)
+    qkv = qkv_proj(x)
     bw, n, _ = qkv.shape
     q, k, v = qkv.view(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)), v)
-    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, -1)))
+    return self.proj_drop(proj(out.transpose(1, 2).reshape(bw, n, -1)))
 
 
 class _Swapped(torch.nn.Module):
