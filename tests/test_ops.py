@@ -71,3 +71,17 @@ def test_compiled_graph_keeps_the_onednn_kernel():
 
     _grads(torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), x, w, b)
     assert len(graphs) == 2 and all("simmim.onednn_linear.default" in ops_seen for ops_seen in graphs), graphs
+
+
+def test_strided_inputs_and_gradients():
+    """A column slice (rows with gaps) as input and a non-contiguous incoming gradient: same as F.linear."""
+    g = torch.Generator().manual_seed(0)
+    big, w = torch.randn(50, 120, generator=g), torch.randn(30, 40, generator=g)
+    results = []
+    for fn in (linear, F.linear):
+        leaf, weight = big.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(leaf[:, 40:80], weight)
+        out[:, ::2].square().sum().backward()  # gradient zero in every other column
+        results.append((out, leaf.grad, weight.grad))
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)

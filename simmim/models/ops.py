@@ -57,7 +57,8 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         n, k = weight.shape
-        g, x2 = grad.reshape(-1, n), x.reshape(-1, k)
+        # oneDNN takes transposed operands at full speed, other strides (rows with gaps) on slow paths
+        g, x2 = grad.contiguous().view(-1, n), x.view(-1, k)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _onednn(g, weight.t().contiguous()).view(x.shape)
@@ -78,4 +79,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or not all(t.dtype == torch.float32 for t in (x, weight, bias) if t is not None)
     ):
         return F.linear(x, weight, bias)
-    return _OneDNNLinear.apply(x, weight, bias)
+    return _OneDNNLinear.apply(x.contiguous(), weight, bias)
