@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ __all__ = [
     "AtomicCheckpointIO",
     "ExactResume",
     "latest_checkpoint",
+    "fit_context",
     "prepare_run_folder",
-    "quiet_exact_resume",
     "resolve_resume",
+    "resolve_run_dir",
     "NonFiniteError",
     "NonFiniteGuard",
     "ProgressBar",
@@ -65,6 +68,19 @@ def prepare_run_folder(run_dir: str | Path, new_run: bool, what_to_do: str) -> N
         raise RecipeError(f"run folder {run_dir} already holds checkpoints of an earlier run ({listed}): {what_to_do}")
     for folder in (run_dir, ckpt_dir):
         remove_stale_temporaries(folder)
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``run_dir``, else ``output_dir/<recipe>/<name or timestamp>``; shared with DDP worker processes."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    inherited = os.environ.get("SIMMIM_RUN_DIR")
+    if inherited:
+        return Path(inherited)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.name:
+        raise RecipeError("under a multi-process launcher give run_dir=PATH or name=NAME so every rank agrees")
+    name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / str(cfg.recipe) / str(name)
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
@@ -163,15 +179,21 @@ class ExactResume:
 
 
 @contextlib.contextmanager
-def quiet_exact_resume() -> Iterator[None]:
-    """Around ``Trainer.fit`` of an :class:`ExactResume` module: without Lightning's warnings that a mid-epoch resume
-    is unreliable (the sampler skips the batches already seen) and that the checkpoint folder is not empty (a
-    resume writes on in its run's folder; new runs are refused there), or its note on an empty validation set."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-        warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
-        yield
+def fit_context(run_dir: str | Path) -> Iterator[None]:
+    """Around ``Trainer.fit`` of an :class:`ExactResume` module: DDP workers that Lightning starts (they re-run the
+    command) find ``run_dir`` through ``SIMMIM_RUN_DIR`` (:func:`resolve_run_dir`), and Lightning's warnings that a
+    mid-epoch resume is unreliable (the sampler skips the batches already seen) and that the checkpoint folder is not
+    empty (a resume writes on in its run's folder; new runs are refused there), and its note on an empty validation
+    set, stay quiet."""
+    os.environ["SIMMIM_RUN_DIR"] = str(run_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+            yield
+    finally:
+        os.environ.pop("SIMMIM_RUN_DIR", None)
 
 
 class NonFiniteError(RuntimeError):

@@ -31,9 +31,10 @@ from simmim.callbacks import (
     ExactResume,
     NonFiniteError,
     NonFiniteGuard,
+    fit_context,
     prepare_run_folder,
-    quiet_exact_resume,
     resolve_resume,
+    resolve_run_dir,
 )
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
@@ -257,13 +258,6 @@ def _model_kwargs(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, A
     return kw
 
 
-def _run_dir(cfg: DictConfig) -> Path:
-    """``run_dir``, else ``output_dir/<recipe>/<name or timestamp>`` (the pretraining CLI's layout)."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    return Path(cfg.output_dir) / str(cfg.recipe) / str(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-
-
 def _save_confusion(matrix: list[list[int]], names: list[str], path: Path) -> None:
     import matplotlib
 
@@ -324,7 +318,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     weights = read_pretrained(cfg.pretrained, cfg.trust_checkpoint) if cfg.pretrained else None
     windows = weights.window_sizes if weights is not None else None
-    run_dir = _run_dir(cfg)
+    run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
     if cfg.mode == "knn" and cfg.resume:
         raise RecipeError("mode=knn trains nothing, so there is nothing to resume: leave resume unset")
@@ -332,8 +326,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     prepare_run_folder(
         run_dir, resume is None, "pass resume=auto to continue it, or give another run_dir (or name) for a new run"
     )
-    save_recipe(cfg, run_dir / "recipe.yaml")
     if cfg.mode == "knn":
+        save_recipe(cfg, run_dir / "recipe.yaml")
         metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}
         _write_json(metrics, run_dir / "metrics.json")
         return metrics
@@ -357,7 +351,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if weights is not None:
         load = load_pretrained(module.model, weights)
         print(load)
-        (run_dir / "load_report.txt").write_text(str(load) + "\n")
 
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -385,7 +378,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         use_distributed_sampler=False,  # the data module's sampler shards and seeds itself
         **trainer_kw,
     )
-    with quiet_exact_resume():
+    if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
+        save_recipe(cfg, run_dir / "recipe.yaml")
+        if load is not None:
+            (run_dir / "load_report.txt").write_text(str(load) + "\n")
+    with fit_context(run_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     if module.resumed_step != trainer.global_step:  # stopped by trainer.max_steps mid-epoch: resumable from here
         trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)

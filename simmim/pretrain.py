@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,10 @@ from simmim.callbacks import (
     ExactResume,
     NonFiniteError,
     NonFiniteGuard,
+    fit_context,
     prepare_run_folder,
-    quiet_exact_resume,
     resolve_resume,
+    resolve_run_dir,
 )
 from simmim.checkpoint import CheckpointError, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
@@ -299,19 +299,6 @@ def build_datamodule(cfg: DictConfig, patch_size: int) -> pl.LightningDataModule
     return PretrainDataModule(img_size=cfg.model.img_size, model_patch_size=patch_size, seed=cfg.seed, **data)
 
 
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    """``run_dir``, else ``output_dir/<recipe>/<name or timestamp>``; shared with DDP worker processes."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    inherited = os.environ.get("SIMMIM_RUN_DIR")
-    if inherited:
-        return Path(inherited)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.name:
-        raise RecipeError("under a multi-process launcher give run_dir=PATH or name=NAME so every rank agrees")
-    name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.output_dir) / str(cfg.recipe) / str(name)
-
-
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -458,12 +445,8 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     if trainer.is_global_zero:
         save_recipe(cfg, run_dir / "recipe.yaml")
     start = time.perf_counter()
-    os.environ["SIMMIM_RUN_DIR"] = str(run_dir)  # DDP workers spawned by Lightning reuse the same folder
-    try:
-        with quiet_exact_resume():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    finally:
-        os.environ.pop("SIMMIM_RUN_DIR", None)
+    with fit_context(run_dir):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     out: dict[str, Any] = {
         "run_dir": run_dir,
         "seconds": time.perf_counter() - start,

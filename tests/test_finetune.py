@@ -272,3 +272,27 @@ def test_fine_tuning_killed_mid_epoch_resumes_from_its_step_checkpoint(folders, 
 def test_knn_refuses_resume(folders, tmp_path):
     out = run_cli("recipe=knn", f"data.root={folders}", f"run_dir={tmp_path}", "resume=auto", cwd=tmp_path)
     assert out.returncode == 2 and "mode=knn trains nothing" in out.stderr
+
+
+@pytest.mark.slow
+def test_two_process_fine_tuning_writes_one_run_folder_and_resumes_exactly(folders, tmp_path):
+    """trainer.devices=2 (DDP on CPU): Lightning re-runs the command for the second process, which must find the
+    first one's timestamped run folder; a 2-process run stopped by max_steps resumes with the same losses."""
+    ddp = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2")
+
+    def args(*extra):
+        return [a for a in resume_args(folders, Path("unused"), *ddp) if not a.startswith("run_dir=")] + list(extra)
+
+    whole = run_cli(*args(f"output_dir={tmp_path / 'out'}"), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (run,) = (tmp_path / "out" / "quickstart").iterdir()  # one folder, not one per process
+    assert (run / "metrics.json").is_file() and (run / "recipe.yaml").is_file()
+    pieces = tmp_path / "pieces"
+    first = run_cli(*args(f"run_dir={pieces}", "trainer.max_steps=5"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*args(f"run_dir={pieces}", "resume=auto"), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    ref, resumed = step_losses(run), step_losses(pieces)
+    assert sorted(ref) == list(range(12)) and sorted(resumed) == list(range(5, 12))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-5), step
