@@ -245,6 +245,16 @@ def test_fine_tuning_stopped_by_max_steps_resumes_exactly(folders, whole_run, tm
     assert out["best_val_top1"] == pytest.approx(whole["best_val_top1"])
 
 
+def test_float32_fine_tuning_resumes_exactly(folders, tmp_path):
+    """The same in float32, where the linear layers run on oneDNN (simmim.models.ops): bit-identical losses."""
+    fp32 = ("trainer.precision=32",)
+    run(load_recipe("finetune", resume_args(folders, tmp_path / "whole", *fp32)))
+    run(load_recipe("finetune", resume_args(folders, tmp_path / "pieces", *fp32, "trainer.max_steps=5")))
+    run(load_recipe("finetune", resume_args(folders, tmp_path / "pieces", *fp32, "resume=auto")))
+    ref, resumed = step_losses(tmp_path / "whole"), step_losses(tmp_path / "pieces")
+    assert sorted(resumed) == list(range(5, 12)) and all(resumed[s] == ref[s] for s in resumed), (ref, resumed)
+
+
 @pytest.mark.slow
 def test_fine_tuning_killed_mid_epoch_resumes_from_its_step_checkpoint(folders, whole_run, tmp_path):
     """checkpoint.every_n_steps=4 writes last.ckpt at steps 4 and 8: a run killed after the first resumes there."""
