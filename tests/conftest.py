@@ -1,5 +1,11 @@
 """Shared fixtures: small real image files on disk."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +98,18 @@ def pretrain_args(folder, run_dir, *extra):
         f"run_dir={run_dir}",
         *extra,
     ]
+
+
+def kill_once_written(module: str, args, path) -> int:
+    """Runs ``python -m module args`` and SIGKILLs it as soon as ``path`` exists (a crash mid-run); returns its pid.
+    Fails if the run ended before that."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return proc.pid

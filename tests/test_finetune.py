@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import quiet_trainer
+from conftest import kill_once_written, quiet_trainer
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -259,17 +257,7 @@ def test_float32_fine_tuning_resumes_exactly(folders, tmp_path):
 def test_fine_tuning_killed_mid_epoch_resumes_from_its_step_checkpoint(folders, whole_run, tmp_path):
     """checkpoint.every_n_steps=4 writes last.ckpt at steps 4 and 8: a run killed after the first resumes there."""
     args = resume_args(folders, tmp_path, "checkpoint.every_n_steps=4")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simmim.finetune", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_once_written("simmim.finetune", args, tmp_path / "checkpoints" / "last.ckpt")
     res = run_cli(*args, "resume=auto", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     ref, resumed = step_losses(whole_run[0]), step_losses(tmp_path)

@@ -2,16 +2,14 @@ import csv
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import fit_tiny_pretraining, pretrain_args
+from conftest import fit_tiny_pretraining, kill_once_written, pretrain_args
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
 from simmim.checkpoint import load_encoder
@@ -276,17 +274,8 @@ def test_cli_skipped_images_are_one_warning_line_each(image_folder, tmp_path):
 def test_sigkill_mid_epoch_then_resume_auto(reference, image_folder, tmp_path):
     ref_losses = _losses(reference[0])
     args = _args(image_folder, tmp_path, "checkpoint.keep_all=false")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simmim.pretrain", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    first = tmp_path / "checkpoints" / "step=000003.ckpt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    stale = tmp_path / "checkpoints" / f".step=000006.ckpt.tmp{proc.pid}"  # as a kill during a save leaves it
+    pid = kill_once_written("simmim.pretrain", args, tmp_path / "checkpoints" / "step=000003.ckpt")
+    stale = tmp_path / "checkpoints" / f".step=000006.ckpt.tmp{pid}"  # as a kill during a save leaves it
     stale.write_bytes(b"half a checkpoint")
     res = _cli(*args, "resume=auto")
     assert not stale.exists()

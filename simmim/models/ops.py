@@ -24,7 +24,7 @@ ONEDNN_LINEAR = os.environ.get("SIMMIM_ONEDNN_LINEAR", "1") != "0" and torch.bac
 
 
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias) by oneDNN's inner product (strided operands allowed)."""
+    """x [..., K] @ weight[N, K]^T (+ bias) by oneDNN's inner product (transposed operands at full speed)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
