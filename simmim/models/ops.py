@@ -8,19 +8,24 @@ results agree with ``F.linear`` to float32 rounding; ``torch.compile`` keeps the
 else (bfloat16 autocast, where ATen already calls oneDNN and the fused bias measured within noise; other devices and
 dtypes) is ``F.linear``.
 
-``simmim.models.ops.ONEDNN_LINEAR = False`` (or ``SIMMIM_ONEDNN_LINEAR=0`` in the environment) turns it off.
+On by default on x86-64; ``simmim.models.ops.ONEDNN_LINEAR = False`` (or ``SIMMIM_ONEDNN_LINEAR=0`` in the
+environment) turns it off, ``SIMMIM_ONEDNN_LINEAR=1`` on elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["linear", "ONEDNN_LINEAR"]
 
-ONEDNN_LINEAR = os.environ.get("SIMMIM_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+# On by default on x86-64, where it was measured; oneDNN on ARM (Apple silicon, Graviton) competes with vendor BLAS
+# there and was not: SIMMIM_ONEDNN_LINEAR=1 turns it on anywhere oneDNN is built in, 0 turns it off.
+_SETTING = os.environ.get("SIMMIM_ONEDNN_LINEAR", "1" if platform.machine().lower() in ("x86_64", "amd64") else "0")
+ONEDNN_LINEAR = _SETTING != "0" and torch.backends.mkldnn.is_available()
 
 
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
