@@ -29,9 +29,8 @@ __all__ = [
     "ExactResume",
     "latest_checkpoint",
     "fit_context",
-    "prepare_run_folder",
-    "resolve_resume",
     "resolve_run_dir",
+    "start_run",
     "NonFiniteError",
     "NonFiniteGuard",
     "ProgressBar",
@@ -57,17 +56,22 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
 
 
-def prepare_run_folder(run_dir: str | Path, new_run: bool, what_to_do: str) -> None:
-    """Before a run writes to ``run_dir``: refuse a new run where ``checkpoints/`` holds an earlier run's (it would
-    overwrite them; ``what_to_do`` says what instead), and remove the temporary files of saves killed mid-write."""
-    run_dir = Path(run_dir)
+def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Before a run writes to ``run_dir``: the checkpoint ``cfg.resume`` names (None: a new run); a new run is refused
+    where ``checkpoints/`` holds an earlier run's (it would overwrite them), and temporary files of saves killed
+    mid-write are removed."""
     ckpt_dir = run_dir / "checkpoints"
+    resume = _resolve_resume(cfg, ckpt_dir)
     earlier = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-    if new_run and earlier:
+    if resume is None and earlier:
         listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-        raise RecipeError(f"run folder {run_dir} already holds checkpoints of an earlier run ({listed}): {what_to_do}")
+        raise RecipeError(
+            f"run folder {run_dir} already holds checkpoints of an earlier run ({listed}): pass resume=auto to "
+            "continue it, or give another run_dir (or name) for a new run"
+        )
     for folder in (run_dir, ckpt_dir):
         remove_stale_temporaries(folder)
+    return resume
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -83,7 +87,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / str(cfg.recipe) / str(name)
 
 
-def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
+def _resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
     """The checkpoint to continue from (None: a new run)."""
     if not cfg.resume:
         return None

@@ -32,9 +32,8 @@ from simmim.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     fit_context,
-    prepare_run_folder,
-    resolve_resume,
     resolve_run_dir,
+    start_run,
 )
 from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
@@ -322,10 +321,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     if cfg.mode == "knn" and cfg.resume:
         raise RecipeError("mode=knn trains nothing, so there is nothing to resume: leave resume unset")
-    resume = resolve_resume(cfg, ckpt_dir)
-    prepare_run_folder(
-        run_dir, resume is None, "pass resume=auto to continue it, or give another run_dir (or name) for a new run"
-    )
+    resume = start_run(cfg, run_dir)
     if cfg.mode == "knn":
         save_recipe(cfg, run_dir / "recipe.yaml")
         metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}

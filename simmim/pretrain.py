@@ -32,9 +32,8 @@ from simmim.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     fit_context,
-    prepare_run_folder,
-    resolve_resume,
     resolve_run_dir,
+    start_run,
 )
 from simmim.checkpoint import CheckpointError, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
@@ -169,7 +168,6 @@ class SimMIMPretrainModule(ExactResume, pl.LightningModule):
         return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def loader_batch(self) -> int:
-        """Images per loader step over all processes (the data position in checkpoints counts these)."""
         return self.total_batch() // self.trainer.accumulate_grad_batches
 
     def steps_per_epoch(self) -> int:
@@ -416,10 +414,7 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     check_geometry(cfg)
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
-    resume = resolve_resume(cfg, ckpt_dir)
-    prepare_run_folder(
-        run_dir, resume is None, "pass resume=auto to continue it, or give another run_dir (or name) for a new run"
-    )
+    resume = start_run(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:  # bad paths, empty folders, impossible model sizes: one clear line from the CLI, not a traceback
         module = build_module(cfg)
