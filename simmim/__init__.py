@@ -1,7 +1,6 @@
-"""SimMIM self-supervised pretraining for Swin Transformer V2 on PyTorch and PyTorch Lightning."""
+"""SimMIM self-supervised pretraining for Swin Transformer V2 on PyTorch and PyTorch Lightning.
 
-from simmim import runtime
+Importing simmim does nothing but define it: hardware choices are made on first use (:mod:`simmim.runtime`).
+"""
 
-runtime.prepare_process()  # passive OpenMP waiting, before torch loads (see simmim.runtime.prepare_process)
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -29,6 +29,7 @@ __all__ = [
     "LoadReport",
     "read_pretrained",
     "load_pretrained",
+    "atomic_write_text",
 ]
 
 
@@ -55,6 +56,22 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to a temporary file in the same folder, fsync, then rename (as :func:`atomic_torch_save`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

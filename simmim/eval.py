@@ -4,14 +4,12 @@ protocol of Wu et al. 2018 / DINO), and :class:`KNNMonitor`, a callback running 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from simmim.data import ClassificationDataModule
 from simmim.models.swinv2 import SwinTransformerV2
 
 __all__ = [
@@ -20,7 +18,6 @@ __all__ = [
     "knn_accuracy",
     "knn_evaluate",
     "find_encoder",
-    "KNNMonitor",
 ]
 
 Loader = Iterable[Any]
@@ -120,63 +117,3 @@ def find_encoder(module: torch.nn.Module) -> SwinTransformerV2:
         if isinstance(m, SwinTransformerV2):
             return m
     raise ValueError(f"{type(module).__name__} contains no SwinTransformerV2")
-
-
-class KNNMonitor(pl.Callback):
-    """Every ``every_n_epochs`` training epochs, kNN-evaluate the module's SwinV2 encoder and log
-    ``knn/top1`` (and ``knn/top5``).
-
-    ``train`` and ``val`` are DataLoaders of labelled dict batches with evaluation transforms, or callables
-    returning one (called once, at the first evaluation). Every rank computes the same full result; the loaders
-    are not sharded, so keep them small (a few thousand images).
-    """
-
-    def __init__(
-        self,
-        train: Loader | Callable[[], Loader],
-        val: Loader | Callable[[], Loader],
-        every_n_epochs: int = 1,
-        k: int = 20,
-        temperature: float = 0.07,
-        num_classes: int | None = None,
-        bf16: bool = False,
-    ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"KNNMonitor every_n_epochs must be >= 1, got {every_n_epochs}")
-        self._train, self._val = train, val
-        self.every_n_epochs = every_n_epochs
-        self.k = k
-        self.temperature = temperature
-        self.num_classes = num_classes
-        self.bf16 = bf16
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    @classmethod
-    def from_datamodule(cls, make: Callable[[], ClassificationDataModule], **kwargs: Any) -> KNNMonitor:
-        """A monitor over a labelled :class:`ClassificationDataModule` built by ``make()`` at the first
-        evaluation: memory bank = its training images (evaluation transforms), queries = its validation set."""
-        cache: dict[str, ClassificationDataModule] = {}
-
-        def dm() -> ClassificationDataModule:
-            if "dm" not in cache:
-                cache["dm"] = make()
-                cache["dm"].setup("fit")
-            return cache["dm"]
-
-        return cls(lambda: dm().train_eval_dataloader(), lambda: dm().val_dataloader(), **kwargs)
-
-    @staticmethod
-    def _loader(source: Loader | Callable[[], Loader]) -> Loader:
-        is_factory = callable(source) and not hasattr(source, "__iter__")
-        return source() if is_factory else source
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs or trainer.sanity_checking:
-            return
-        self._train, self._val = self._loader(self._train), self._loader(self._val)
-        result = knn_evaluate(
-            find_encoder(pl_module), self._train, self._val, self.k, self.temperature, self.num_classes, self.bf16
-        )
-        self.history.append((trainer.current_epoch, result))
-        for name, value in result.items():
-            pl_module.log(f"knn/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=True)

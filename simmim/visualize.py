@@ -58,6 +58,7 @@ __all__ = [
     "plot_mask_sweep",
     "plot_temperatures",
     "plot_position_bias",
+    "save_confusion_matrix",
     "VisualizeError",
     "sample_images",
     "input_normalisation",
@@ -420,6 +421,25 @@ def plot_position_bias(
             fig.colorbar(im, ax=ax, shrink=0.7).ax.tick_params(labelsize=6)
     fig.suptitle("Position bias 16*sigmoid(cpb_mlp) by offset (dy, dx) = query - key; centre: same token", fontsize=9)
     return _save(fig, path)
+
+
+def save_confusion_matrix(matrix: list[list[int]], names: Sequence[str], path: str | Path) -> Path:
+    """The test confusion matrix as a PNG, class names on both axes (counts written in for up to 20 classes)."""
+    from matplotlib.figure import Figure
+
+    n = len(names)
+    fig = Figure(figsize=(2 + 0.5 * n, 1.5 + 0.5 * n), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="test confusion matrix")
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=6)
+    fig.savefig(path, dpi=120)
+    return Path(path)
 
 
 # ---- inputs: images from a datamodule, checkpoints, image files -------------------------------------------

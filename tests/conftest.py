@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import simmim  # noqa: F401 - first, so its OpenMP wait policy is set before torch loads (see simmim/__init__.py)
+from simmim import runtime
+
+runtime.prepare_process()  # passive OpenMP waiting, before torch loads (DataLoader workers share the cores)
 
 
 def write_images(folder, n: int, size: int = 40, seed: int = 0):
@@ -47,22 +49,31 @@ def quiet_trainer(**kwargs):
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+def pretrain_module(overrides=(), schedule=None, batch_size=8):
+    """SimMIMPretrainModule of the quickstart recipe (swinv2_nano at 32 px, no drop path) with recipe
+    ``overrides`` and ``schedule`` keys (``{"name": "cosine", "epochs": 2}``); ``batch_size`` None: the datamodule's."""
+    from simmim.cli.pretrain import build_module
+    from simmim.cli.recipes import load_recipe
+
+    schedule = {"milestones": "[]", **(schedule or {})}
+    cfg = load_recipe(
+        "pretrain", ["model.drop_path_rate=0.0", *overrides, *(f"schedule.{k}={v}" for k, v in schedule.items())]
+    )
+    module = build_module(cfg)
+    module.hparams.batch_size = batch_size
+    return module
+
+
 def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs):
     """A real Trainer.fit of SimMIM swinv2_nano at 32 px on ``folder`` (batch 8, lr 0.5 per 512, no logger);
     returns the module and the per-step training losses."""
     import pytorch_lightning as pl
 
     from simmim.data import PretrainDataModule
-    from simmim.pretrain import SimMIMPretrainModule
 
     pl.seed_everything(0)
     dm = PretrainDataModule(folder, "folder", img_size=32, mask_patch_size=8, batch_size=8, num_workers=0)
-    module = SimMIMPretrainModule(
-        "swinv2_nano",
-        {"img_size": 32, "window_size": 4, "drop_path_rate": 0.0},
-        optim={"lr": 0.5, "warmup_lr": 0.0, "min_lr": 0.0},
-        schedule={"milestones": [], **schedule},
-    )
+    module = pretrain_module(["optim.lr=0.5", "optim.warmup_lr=0", "optim.min_lr=0"], schedule, batch_size=None)
     losses = []
 
     class Record(pl.Callback):

@@ -486,8 +486,8 @@ def test_auto_source_reads_idx_folders_as_fashion_mnist_and_image_folders_as_ima
 
 
 def test_pretrain_quickstart_trains_on_the_given_root_else_fashion_mnist(tmp_path):
-    from simmim.config import load_recipe
-    from simmim.pretrain import build_datamodule
+    from simmim.cli.pretrain import build_datamodule
+    from simmim.cli.recipes import load_recipe
 
     images = write_images(tmp_path / "unlabeled", 100)  # the README's command, as typed: recipe=quickstart data.root=
     dm = build_datamodule(load_recipe("pretrain", ["recipe=quickstart", f"data.root={images}"]), 4)
@@ -512,13 +512,12 @@ def test_pretrain_cli_fails_on_a_missing_or_empty_root(tmp_path, capsys, root):
 
 @pytest.mark.parametrize("recipe", ["quickstart", "imagenette_cpu", "knn", "linear_probe"])
 def test_finetune_recipes_read_the_given_root(tmp_path, recipe):
-    from omegaconf import OmegaConf
-
-    from simmim.config import load_recipe
+    from simmim.cli.finetune import build_datamodule
+    from simmim.cli.recipes import load_recipe
 
     def datamodule(root: Path) -> ClassificationDataModule:  # as simmim.finetune builds it
-        cfg = load_recipe("finetune", [f"recipe={recipe}", f"data.root={root}", "data.num_workers=0"])
-        return ClassificationDataModule(**OmegaConf.to_container(cfg.data), img_size=cfg.model.img_size, seed=0)
+        args = [f"recipe={recipe}", f"data.root={root}", "data.num_workers=0", "pretrained=x"]
+        return build_datamodule(load_recipe("finetune", args))
 
     idx = _fashion_idx(tmp_path / "fmnist")
     dm = datamodule(idx)
@@ -530,8 +529,8 @@ def test_finetune_recipes_read_the_given_root(tmp_path, recipe):
 
 
 def test_pretrain_validation_follows_the_root(tmp_path):
-    from simmim.config import load_recipe
-    from simmim.pretrain import build_datamodule
+    from simmim.cli.pretrain import build_datamodule
+    from simmim.cli.recipes import load_recipe
 
     root = _imagenette(tmp_path / "imagenette")
     base = ["recipe=imagenette_cpu", f"data.root={root}", "data.batch_size=4", "data.num_workers=0"]
@@ -555,8 +554,8 @@ IMAGENETTE = Path("/work/shared/data/imagenette2-224")
 
 @pytest.mark.skipif(not IMAGENETTE.is_dir(), reason="the Imagenette copy of this machine is not there")
 def test_imagenette_recipe_default_data_is_unchanged():
-    from simmim.config import load_recipe
-    from simmim.pretrain import build_datamodule
+    from simmim.cli.pretrain import build_datamodule
+    from simmim.cli.recipes import load_recipe
 
     dm = build_datamodule(load_recipe("pretrain", ["recipe=imagenette_cpu"]), 4)
     for source, split in ((dm.source, "train"), (dm.val_source, "val")):

@@ -23,13 +23,12 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from simmim.config import RecipeError
 from simmim.data.sampler import EpochSampler
+from simmim.errors import RecipeError
 
 __all__ = [
     "build_strategy",
     "full_state_dict",
-    "make_trainer",
     "gather_rng_states",
     "rescale_position",
     "seed_rank",
@@ -85,22 +84,6 @@ def build_strategy(name: Any) -> Any:
     from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
 
     return FSDPStrategy(auto_wrap_policy={SwinTransformerBlock, PatchMerging}, state_dict_type="full")
-
-
-def make_trainer(**kwargs: Any) -> pl.Trainer:
-    """``pl.Trainer(**kwargs)`` with the recipe's strategy name resolved (:func:`build_strategy`) and Lightning's
-    refusals (fsdp without a GPU, a misspelt argument, ...) turned into one-line :class:`RecipeError`s."""
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
-    from simmim.callbacks import ProgressBar
-
-    kwargs["strategy"] = build_strategy(kwargs.get("strategy", "auto"))
-    if kwargs.get("enable_progress_bar", True):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), ProgressBar()]
-    try:
-        return pl.Trainer(**kwargs)
-    except (ValueError, TypeError, MisconfigurationException) as e:
-        raise RecipeError(f"trainer: {e}") from e
 
 
 def full_state_dict(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, torch.Tensor]:

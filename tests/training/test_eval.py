@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
-from simmim.eval import KNNMonitor, extract_features, knn_accuracy, knn_predict
+from simmim.eval import extract_features, knn_accuracy, knn_predict
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import create_model
+from simmim.training.callbacks import KNNMonitor
 
 
 def test_knn_on_separable_features_is_perfect():
@@ -112,8 +113,8 @@ def test_pretraining_recipe_logs_knn_accuracy(image_folder, tmp_path):
 
     from conftest import write_images
 
-    from simmim.config import load_recipe
-    from simmim.pretrain import run
+    from simmim.cli.pretrain import run
+    from simmim.cli.recipes import load_recipe
 
     labelled = tmp_path / "labelled"
     for seed, (split, c, n) in enumerate([("train", "a", 6), ("train", "b", 6), ("val", "a", 3), ("val", "b", 3)]):

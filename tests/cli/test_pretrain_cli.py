@@ -11,11 +11,13 @@ import pytorch_lightning as pl
 import torch
 from conftest import fit_tiny_pretraining, kill_once_written, pretrain_args
 
-from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
 from simmim.checkpoint import load_encoder
-from simmim.config import RecipeError, load_recipe
+from simmim.cli.pretrain import run
+from simmim.cli.recipes import load_recipe
+from simmim.errors import RecipeError
 from simmim.models import create_model
-from simmim.pretrain import run
+from simmim.training.callbacks import NonFiniteError
+from simmim.training.trainer import AtomicCheckpointIO
 
 STEPS = 14  # 24 images, batch 4: 6 steps per epoch, so runs cross two epoch boundaries
 
@@ -32,7 +34,7 @@ def _losses(run_dir, version=None):
     logs = sorted((Path(run_dir) / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     path = (logs[-1] if version is None else Path(run_dir) / "logs" / f"version_{version}") / "csv" / "metrics.csv"
     with open(path) as f:
-        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")}
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def _cli(*args, timeout=300):

@@ -206,14 +206,16 @@ class MemoryPlanner(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        encoder = pl_module.model.encoder
+        from simmim.eval import find_encoder
+
+        encoder = find_encoder(pl_module)
         plan = None
         if trainer.is_global_zero:
             device = trainer.strategy.root_device
             processes = trainer.num_devices if device.type == "cpu" else 1
             available = self.available if self.available is not None else available_memory(device, processes)
             batch = pl_module.hparams.get("batch_size") or trainer.datamodule.batch_size
-            zero = trainer.world_size if getattr(pl_module, "optim_cfg", {}).get("zero") else 1
+            zero = trainer.world_size if pl_module.hparams.get("optim", {}).get("zero") else 1
             plan = plan_memory(
                 pl_module.hparams.model_config,
                 encoder.img_size[0],

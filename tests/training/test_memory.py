@@ -5,10 +5,11 @@ import pytest
 import torch
 from conftest import fit_tiny_pretraining
 
-from simmim.config import RecipeError, load_recipe
-from simmim.memory import MemoryPlanner, available_memory, block_geometry, plan_memory
+from simmim.cli.checks import model_config
+from simmim.cli.recipes import load_recipe
+from simmim.errors import RecipeError
 from simmim.models.swinv2 import SwinTransformerBlock
-from simmim.pretrain import check_geometry, model_config
+from simmim.training.memory import MemoryPlanner, available_memory, block_geometry, plan_memory
 
 BASE = model_config("swinv2_base", img_size=192, window_size=12)
 BASE_PARAMS = 87_000_000
@@ -123,4 +124,4 @@ def test_planner_applies_and_explains_its_choice_in_a_real_fit(image_folder, cap
 
 def test_recipe_rejects_unknown_memory_mode():
     with pytest.raises(RecipeError, match="memory='lots': use manual"):
-        check_geometry(load_recipe("pretrain", ["memory=lots"]))
+        (load_recipe("pretrain", ["memory=lots"]))

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from simmim.mixup import Mixup, SoftTargetCrossEntropy, smooth_one_hot
+from simmim.training.mixup import Mixup, SoftTargetCrossEntropy, smooth_one_hot
 
 
 def test_smooth_one_hot():

@@ -15,9 +15,10 @@ import pytorch_lightning as pl
 import torch
 from conftest import pretrain_args, write_images
 
-from simmim.config import RecipeError, load_recipe
-from simmim.distributed import build_strategy, rescale_position, seed_rank
-from simmim.pretrain import run
+from simmim.cli.pretrain import run
+from simmim.cli.recipes import load_recipe
+from simmim.errors import RecipeError
+from simmim.training.strategy import build_strategy, rescale_position, seed_rank
 
 
 def _metrics(run_dir, key):
@@ -69,10 +70,10 @@ def test_two_processes_zero_and_resume_across_process_counts(tmp_path):
 
     # Losses are means over both processes (every image has the same number of masked pixels), gradients are
     # DDP averages: float32 summation order is the only difference.
-    loss_a, norm_a = _metrics(a, "train/loss_step"), _metrics(a, "train/grad_norm")
-    _assert_close(_metrics(b, "train/loss_step"), loss_a, [0, 1], 1e-5)
+    loss_a, norm_a = _metrics(a, "train/loss"), _metrics(a, "train/grad_norm")
+    _assert_close(_metrics(b, "train/loss"), loss_a, [0, 1], 1e-5)
     _assert_close(_metrics(b, "train/grad_norm"), norm_a, [0, 1], 1e-5)
-    _assert_close(_metrics(c, "train/loss_step"), loss_a, [2, 3], 1e-5)
+    _assert_close(_metrics(c, "train/loss"), loss_a, [2, 3], 1e-5)
     _assert_close(_metrics(c, "train/grad_norm"), norm_a, [2, 3], 1e-5)
     _assert_close(_metrics(d, "train/grad_norm"), norm_a, [4, 5], 1e-5)  # per micro-batch losses differ
 
@@ -170,13 +171,12 @@ def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
 def test_trained_model_rebuilds_the_whole_model_from_gathered_weights(monkeypatch):
     """Under a sharded strategy the final encoder and reconstructions come from a plain copy built from the gathered
     state dict (FSDP itself needs a GPU; its gather is replaced by the module's own full state dict here)."""
+    from conftest import pretrain_module
     from pytorch_lightning.strategies import FSDPStrategy
 
-    from simmim.pretrain import SimMIMPretrainModule, trained_model
+    from simmim.cli.pretrain import trained_model
 
-    module = SimMIMPretrainModule(
-        "swinv2_nano", {"img_size": 32, "window_size": 4}, norm_target=True, norm_target_patch_size=7
-    )
+    module = pretrain_module(["model.norm_target=true", "model.norm_target_patch_size=7"])
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.1)
     strategy = FSDPStrategy()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from simmim.config import RecipeError
+from simmim.errors import RecipeError
 
 __all__ = [
     "param_groups",

@@ -6,7 +6,7 @@ import torch
 
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import create_model
-from simmim.optim import (
+from simmim.training.optim import (
     LRSchedule,
     build_optimizer,
     build_scheduler,

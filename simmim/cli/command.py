@@ -1,0 +1,135 @@
+"""What both command lines do around a run: flags, sweeps, the saved recipe, the plan's schedule line, the end.
+
+    python -m simmim.<kind> [--help] [--dry-run] [--cfg job] [--multirun] [--quiet] [recipe=NAME] [key=value ...]
+
+``--help`` lists every recipe key with its default and comment; ``--dry-run`` prints the composed recipe and what
+the run would do; ``--cfg job`` prints the composed recipe; ``--multirun`` runs every combination of sweeps such as
+``optim.lr=1e-3,2e-3`` one after the other (each in its own run folder); ``--quiet`` shows warnings and errors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from simmim import runtime
+from simmim.cli.recipes import available_recipes, base_text, expand_sweeps, load_recipe
+from simmim.cli.runs import EXIT_OK, cli_main, resolve_run_dir
+
+__all__ = ["command_line", "save_recipe", "schedule_text", "world_size"]
+
+FLAGS = ("--help", "-h", "--dry-run", "--cfg", "--multirun", "-m", "--quiet", "-q")
+
+
+def save_recipe(cfg: DictConfig, path: str | Path, resolved: Mapping[str, Any] | None = None) -> Path:
+    """The composed recipe as YAML (atomically); ``resolved``: what its ``auto`` values became on this machine, under
+    ``resolved:`` (left out when the file is read back as a recipe, so a resume elsewhere resolves again)."""
+    from simmim.checkpoint import atomic_write_text
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if resolved:
+        data["resolved"] = dict(resolved)
+    return atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(data)), path)
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes of the run from the recipe (``trainer.devices`` x ``trainer.num_nodes``; ``auto``: the GPUs)."""
+    import torch
+
+    devices = cfg.trainer.get("devices", "auto")
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if runtime.device_type(cfg.trainer.get("accelerator")) == "cuda" else 1
+    n = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else int(devices)
+    return max(1, n) * int(cfg.trainer.get("num_nodes", 1))
+
+
+def schedule_text(cfg: DictConfig, steps_per_epoch: int) -> str:
+    """One line: the run's length and its lr schedule in optimizer steps."""
+    s = cfg.schedule
+    per_epoch = s.steps / s.epochs if s.steps else steps_per_epoch
+    total = round(s.epochs * per_epoch)
+    text = (
+        f"schedule: {total} optimizer steps ({'schedule.steps' if s.steps else f'{s.epochs:g} epochs'}), {s.name}, "
+        f"warmup {round(s.warmup_epochs * per_epoch)} steps"
+    )
+    if s.name == "multistep" and len(s.milestones):
+        text += f", x{s.gamma:g} at steps {[round(m * per_epoch) for m in s.milestones]}"
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps and max_steps > 0:
+        text += f"; stops early at trainer.max_steps={max_steps}"
+    return text
+
+
+def _multirun_dirs(cfg: DictConfig, index: int, stamp: str) -> None:
+    if cfg.run_dir:
+        cfg.run_dir = str(Path(cfg.run_dir) / str(index))
+    else:
+        cfg.name = f"{cfg.name or stamp}/{index}"
+
+
+def command_line(
+    kind: str,
+    argv: Sequence[str] | None,
+    *,
+    run: Callable[[DictConfig], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    plan: Callable[[DictConfig], str],
+    doc: str,
+) -> int:
+    """A ``python -m simmim.<kind>`` command line (module docstring); the exit code."""
+    from datetime import datetime
+
+    from simmim.data import show_bad_images_plainly
+
+    from_sys = argv is None
+    args = list(sys.argv[1:] if argv is None else argv)
+    flags = {a for a in args if a in FLAGS}
+    if flags & {"--cfg"}:
+        index = args.index("--cfg")
+        if index + 1 >= len(args) or args[index + 1] != "job":
+            print("error: --cfg takes job (the composed recipe), e.g. --cfg job", file=sys.stderr)
+            return 2
+        args.pop(index + 1)
+    unknown = [a for a in args if a.startswith("-") and a not in FLAGS]
+    if unknown:
+        print(f"error: unknown flag {unknown[0]}: use {', '.join(f for f in FLAGS if f.startswith('--'))}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    args = [a for a in args if a not in FLAGS]
+    if flags & {"--help", "-h"}:
+        print(doc.strip() + "\n\n" + (__doc__ or "").split("\n\n", 1)[1].strip())
+        print(f"\nRecipes (recipe=NAME): {', '.join(available_recipes(kind))}\n")
+        print(f"Every key, its default and what it does (recipes/{kind}/_base.yaml):\n")
+        print(base_text(kind))
+        return EXIT_OK
+    runtime.log_to_stderr(logging.WARNING if flags & {"--quiet", "-q"} else logging.INFO)
+    show_bad_images_plainly()
+    multirun = bool(flags & {"--multirun", "-m"})
+
+    def body() -> int:
+        sweeps = expand_sweeps(args) if multirun else [args]
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        configs = [load_recipe(kind, one) for one in sweeps]  # every combination checked before any runs
+        for index, cfg in enumerate(configs):
+            if multirun:
+                _multirun_dirs(cfg, index, stamp)
+            if flags & {"--cfg"}:
+                print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+                continue
+            if flags & {"--dry-run"}:
+                print(OmegaConf.to_yaml(cfg, resolve=True) + plan(cfg))
+                continue
+            resolve_run_dir(cfg, command_line=from_sys and not multirun)
+            if multirun:
+                print(f"run {index + 1}/{len(configs)}: {' '.join(sweeps[index])}", file=sys.stderr)
+            out = run(cfg)
+            if out.get("is_global_zero", True):
+                print(report(out))
+        return EXIT_OK
+
+    return cli_main(body)

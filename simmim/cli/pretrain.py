@@ -1,0 +1,280 @@
+"""``python -m simmim.pretrain``: recipe -> PretrainDataModule (images, masks) -> SimMIMPretrainModule -> loss.
+
+A run folder holds the resolved ``recipe.yaml``, TensorBoard + CSV logs, checkpoints (``checkpoints/step=*.ckpt``
+and ``last.ckpt``, written atomically), and at the end ``encoder.safetensors`` and ``reconstructions.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from simmim.cli.checks import model_geometry
+from simmim.cli.command import command_line, save_recipe, schedule_text, world_size
+from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
+from simmim.errors import RecipeError
+from simmim.models.simmim import SimMIM, build_simmim
+from simmim.training.optim import run_length
+from simmim.training.pretrain import RUNTIME_ONLY, SimMIMPretrainModule
+from simmim.training.strategy import full_state_dict, sharding_strategy
+from simmim.training.trainer import build_trainer, make_loggers, quiet_lightning
+
+__all__ = ["run", "main", "build_module", "build_datamodule", "plan"]
+
+
+def encoder_config(cfg: DictConfig) -> dict[str, Any]:
+    """The encoder's full config from the recipe's ``model`` section (runtime-only memory options apart)."""
+    return {**model_geometry(cfg.model), "drop_path_rate": cfg.model.drop_path_rate}
+
+
+def build_module(cfg: DictConfig) -> SimMIMPretrainModule:
+    from simmim.checkpoint import CheckpointError
+
+    m = cfg.model
+    try:
+        return SimMIMPretrainModule(
+            encoder_config(cfg),
+            norm_target=m.norm_target,
+            norm_target_patch_size=m.norm_target_patch_size,
+            optim=OmegaConf.to_container(cfg.optim),
+            schedule=OmegaConf.to_container(cfg.schedule),
+            batch_size=cfg.data.batch_size,
+            memory={k: m[k] for k in RUNTIME_ONLY},
+            init_from=m.init_from,
+        )
+    except CheckpointError as e:
+        raise RecipeError(f"model.init_from={m.init_from}: {e}") from e
+
+
+def build_datamodule(cfg: DictConfig, patch_size: int) -> pl.LightningDataModule:
+    from simmim.data import PretrainDataModule
+
+    data = OmegaConf.to_container(cfg.data)
+    for key in ("crop_scale", "crop_ratio"):
+        data[key] = tuple(data[key])
+    try:
+        return PretrainDataModule(img_size=cfg.model.img_size, model_patch_size=patch_size, seed=cfg.seed, **data)
+    except (ValueError, OSError) as e:  # bad paths, empty folders: one clear line
+        raise RecipeError(str(e)) from e
+
+
+def _checkpoints(cfg: DictConfig, ckpt_dir: Path) -> list[pl.Callback]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    every = int(cfg.checkpoint.every_n_steps)
+    return [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step={step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every if every > 0 else None,
+            every_n_epochs=None if every > 0 else 0,  # 0: no periodic saves, only last.ckpt at the end
+            save_top_k=-1 if cfg.checkpoint.keep_all else 1,  # 1: only the newest step checkpoint stays
+            save_last=True,
+        )
+    ]
+
+
+def _probes(cfg: DictConfig, datamodule: Any, run_dir: Path, rt: RunRuntime) -> list[pl.Callback]:
+    """The in-training probes: reconstruction grids of fixed images and the kNN monitor (read before fitting, so the
+    train sampler's resume position is left untouched)."""
+    out: list[pl.Callback] = []
+    if cfg.visualize_every_n_steps > 0:
+        from simmim.visualize import ReconstructionGridCallback, input_normalisation, sample_images
+
+        images, _ = sample_images(datamodule, max(1, cfg.reconstructions))
+        mean, std = input_normalisation(datamodule)
+        out.append(
+            ReconstructionGridCallback(
+                images,
+                every_n_steps=cfg.visualize_every_n_steps,
+                num_images=len(images),
+                seed=cfg.seed,
+                mask_patch_size=cfg.data.mask_patch_size,
+                mask_ratio=cfg.data.mask_ratio,
+                mean=mean,
+                std=std,
+                dirpath=run_dir / "reconstructions",
+            )  # fmt: skip
+        )
+    if cfg.knn.root:
+        from simmim.data import ClassificationDataModule
+        from simmim.training.callbacks import KNNMonitor
+
+        k, d = cfg.knn, cfg.data
+        make = lambda: ClassificationDataModule(  # noqa: E731 - built at the first evaluation, on each process
+            root=k.root, img_size=cfg.model.img_size, batch_size=k.batch_size, num_workers=d.num_workers,
+            pin_memory=d.pin_memory, label_fraction=k.label_fraction, seed=cfg.seed,
+        )  # fmt: skip
+        out.append(
+            KNNMonitor.from_datamodule(
+                make, every_n_epochs=k.every_n_epochs, k=k.k, temperature=k.temperature, bf16=rt.precision.bf16
+            )
+        )
+    return out
+
+
+def export_encoder(model: SimMIM, config: dict[str, Any], path: str | Path, provenance: dict[str, Any]) -> Path:
+    """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, the config (and where the
+    weights come from) in its metadata."""
+    from simmim.checkpoint import save_encoder
+
+    sd = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
+    return save_encoder(sd, path, config)
+
+
+def save_reconstructions(model: SimMIM, datamodule: Any, path: str | Path, n: int = 8, title: str = "") -> Path:
+    """A grid original / masked / prediction / pasted for ``n`` images (:mod:`simmim.visualize`)."""
+    from simmim.visualize import input_normalisation, sample_images, save_reconstruction_grid
+
+    images, masks = sample_images(datamodule, n)
+    mean, std = input_normalisation(datamodule)
+    save_reconstruction_grid(model, images, masks, path, mean=mean, std=std, title=title)
+    return Path(path)
+
+
+def trained_model(trainer: pl.Trainer, module: SimMIMPretrainModule) -> SimMIM | None:
+    """The trained SimMIM whole on rank 0 (None elsewhere): the module's own under single-process and DDP runs, a
+    plain copy of the gathered weights under FSDP / DeepSpeed. Call on every process (gathering is collective)."""
+    if sharding_strategy(trainer.strategy) is None:
+        return module.model if trainer.is_global_zero else None
+    state = full_state_dict(trainer, module)
+    if not trainer.is_global_zero:
+        return None
+    hp = module.hparams
+    config = dict(hp.model_config)
+    model = build_simmim(
+        config.pop("model"), norm_target=hp.norm_target, norm_target_patch_size=hp.norm_target_patch_size, **config
+    )
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
+
+
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Run a composed recipe (:func:`simmim.cli.recipes.load_recipe`); returns paths and the final loss."""
+    with run_runtime(cfg, encoder_config(cfg)) as rt, quiet_lightning():
+        return _run(cfg, callbacks, rt)
+
+
+def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> dict[str, Any]:
+    from simmim.models import compile_model
+
+    run_dir = resolve_run_dir(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    resume = start_run(cfg, run_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    if cfg.compile:
+        compile_model(module.model, cfg.compile_mode)
+    datamodule = build_datamodule(cfg, module.model.patch_size)
+    callbacks = list(callbacks)
+    if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup
+        from simmim.training.memory import MemoryPlanner
+
+        callbacks.append(MemoryPlanner())
+    targs = OmegaConf.to_container(cfg.trainer)
+    targs["precision"] = rt.precision.value
+    targs["max_epochs"], targs["max_steps"] = run_length(
+        cfg.schedule.epochs, cfg.schedule.steps, targs.get("max_steps")
+    )
+    trainer = build_trainer(
+        run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
+        checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
+    )  # fmt: skip
+    # Sharded strategies hold no process's model whole: the in-training probes (which run the model on its own)
+    # are left out; the final encoder and reconstructions are made from the gathered weights (trained_model).
+    probes = _probes(cfg, datamodule, run_dir, rt)
+    if probes and sharding_strategy(trainer.strategy) is not None:
+        pl.utilities.rank_zero_warn(
+            f"visualize_every_n_steps and knn.root are ignored under trainer.strategy={cfg.trainer.strategy} "
+            "(sharded weights)"
+        )
+        probes = []
+    trainer.callbacks.extend(probes)
+    if trainer.is_global_zero:
+        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
+        if module.load_report is not None:
+            (run_dir / "load_report.txt").write_text(str(module.load_report) + "\n")
+            pl.utilities.rank_zero_info(str(module.load_report))
+    rt.log()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    out: dict[str, Any] = {
+        "run_dir": run_dir,
+        "seconds": time.perf_counter() - start,
+        "steps": trainer.global_step,
+        "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "is_global_zero": trainer.is_global_zero,
+    }
+    if module.resumed_step == trainer.global_step:  # resumed a finished run: nothing trained, nothing to rewrite
+        return {**out, "checkpoint": resume, "already_complete": True}
+    if datamodule.val_set is not None and "val/loss" not in trainer.callback_metrics:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the run ended before val_check_interval
+    if "val/loss" in trainer.callback_metrics:
+        out["val_loss"] = float(trainer.callback_metrics["val/loss"])
+    if trainer.checkpoint_callback is not None:
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
+        out["checkpoint"] = ckpt_dir / "last.ckpt"
+    model = trained_model(trainer, module)
+    if model is not None:
+        provenance = {"recipe": str(cfg.recipe), "steps": out["steps"], "final_loss": out["loss"]}
+        out["encoder"] = export_encoder(model, module.hparams.model_config, run_dir / "encoder.safetensors", provenance)
+        if cfg.reconstructions > 0:
+            title = f"{module.hparams.model_config['model']} step {module.global_step}"
+            out["reconstructions"] = save_reconstructions(
+                model, datamodule, run_dir / "reconstructions.png", cfg.reconstructions, title
+            )
+    return out
+
+
+def plan(cfg: DictConfig) -> str:
+    """``--dry-run``: what the run would do (data, steps, schedule, precision, devices, memory), training nothing."""
+    from simmim import runtime
+    from simmim.models import create_model
+
+    config = encoder_config(cfg)
+    with run_runtime(cfg, config) as rt:
+        datamodule = build_datamodule(cfg, int(config["patch_size"]))
+        world = world_size(cfg)
+        accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+        per_epoch = len(datamodule.train_indices) // (cfg.data.batch_size * world) // accumulate
+        import torch
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in create_model(**config, num_classes=0).parameters())
+        n_val = len(datamodule.val_source) if datamodule.val_source is not None else len(datamodule.val_indices)
+        lines = [
+            f"data: {len(datamodule.train_indices)} training images, {n_val} validation ({datamodule.source!r}); "
+            f"{per_epoch} optimizer steps per epoch ({cfg.data.batch_size} per device x {world} processes x "
+            f"{accumulate} accumulation)",
+            schedule_text(cfg, per_epoch),
+            f"model: {cfg.model.name} {cfg.model.img_size} px, window {cfg.model.window_size}, "
+            f"{params / 1e6:.1f} M encoder parameters; memory={cfg.memory} (use_checkpoint="
+            f"{cfg.model.use_checkpoint}, attn_chunk_size={cfg.model.attn_chunk_size})",
+            f"precision: {rt.precision.requested} -> {rt.precision.value} ({rt.precision.reason}); threads "
+            f"{rt.threads.threads} ({rt.threads.reason}); {runtime.describe(rt.threads.threads)}",
+        ]
+    return "\n".join(lines)
+
+
+def report(out: dict[str, Any]) -> str:
+    if out.get("already_complete"):
+        return f"nothing to do: the run in {out['run_dir']} is complete at step {out['steps']} ({out['checkpoint']})"
+    lines = [f"done: {out['steps']} steps in {out['seconds']:.0f} s, final loss {out['loss']:.4f}"
+             + (f", val loss {out['val_loss']:.4f}" if "val_loss" in out else ""),
+             f"  run folder      {out['run_dir']}"]  # fmt: skip
+    for key, label in (("checkpoint", "checkpoint"), ("encoder", "encoder"), ("reconstructions", "reconstructions")):
+        if out.get(key):
+            lines.append(f"  {label:<15} {out[key]}")
+    lines.append(f"  logs            tensorboard --logdir {out['run_dir'] / 'logs'}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simmim.pretrain [--help] [--dry-run] [--multirun] [recipe=NAME] [key=value ...]``."""
+    return command_line("pretrain", argv, run=run, report=report, plan=plan, doc=__doc__)
