@@ -37,16 +37,23 @@ All the logic lives in `simmim.visualize`; the cells only call it. Every figure 
 steps first. The default is short so the notebook runs in CI in a couple of minutes; the model then only
 predicts a blurry average garment. Use `PRETRAIN_STEPS = 1000` (the whole quickstart epoch, ~930 steps, about a
 minute on 2 CPU cores) or point `CHECKPOINT` at `runs/<recipe>/<name>/checkpoints/last.ckpt` of your own run to see real
-reconstructions. `IMAGES` (files or folders) replaces the checkpoint's own validation images.""",
+reconstructions. `IMAGES` (files or folders) replaces the checkpoint's own validation images. Each parameter can
+also come from the environment (`SIMMIM_NOTEBOOK_CHECKPOINT`, `SIMMIM_NOTEBOOK_IMAGES`, `SIMMIM_NOTEBOOK_STEPS`, ...)
+or from papermill (`papermill explore_reconstructions.ipynb out.ipynb -p CHECKPOINT runs/.../last.ckpt`).""",
     ),
     (
         "code",
         """import os
 from pathlib import Path
 
-CHECKPOINT = None  # a pretraining .ckpt; None: pretrain the quickstart model below
+from simmim import runtime
+
+runtime.prepare_process()  # passive OpenMP waiting, before torch loads (the next cell)
+# Set these here, pass them as papermill parameters (this cell is tagged "parameters"), or in the environment.
+CHECKPOINT = os.environ.get("SIMMIM_NOTEBOOK_CHECKPOINT") or None  # a pretraining .ckpt; None: pretrain below
 PRETRAIN_STEPS = int(os.environ.get("SIMMIM_NOTEBOOK_STEPS", 25))  # only used when CHECKPOINT is None
-IMAGES = None  # image files / folders to reconstruct instead of the checkpoint's validation images
+# image files / folders (separated by os.pathsep) to reconstruct instead of the checkpoint's validation images
+IMAGES = os.environ["SIMMIM_NOTEBOOK_IMAGES"].split(os.pathsep) if "SIMMIM_NOTEBOOK_IMAGES" in os.environ else None
 NUM_IMAGES = 8
 SEED = 0  # mask seed for the sweeps
 FIG_DIR = Path(os.environ.get("SIMMIM_NOTEBOOK_FIGURES", "figures"))
@@ -72,8 +79,8 @@ validation, no intermediate checkpoints). The run folder holds the Lightning che
     (
         "code",
         """if CHECKPOINT is None:
-    from simmim.config import load_recipe
-    from simmim.pretrain import run
+    from simmim.cli.pretrain import run
+    from simmim.cli.recipes import load_recipe
 
     out = run(
         load_recipe(
@@ -81,7 +88,7 @@ validation, no intermediate checkpoints). The run folder holds the Lightning che
             [
                 "recipe=quickstart",
                 f"run_dir={RUN_DIR}",
-                f"trainer.limit_train_batches={PRETRAIN_STEPS}",
+                f"schedule.steps={PRETRAIN_STEPS}",
                 "trainer.limit_val_batches=0",
                 "trainer.enable_progress_bar=false",
                 "trainer.enable_model_summary=false",

@@ -51,17 +51,14 @@ def quiet_trainer(**kwargs):
 
 def pretrain_module(overrides=(), schedule=None, batch_size=8):
     """SimMIMPretrainModule of the quickstart recipe (swinv2_nano at 32 px, no drop path) with recipe
-    ``overrides`` and ``schedule`` keys (``{"name": "cosine", "epochs": 2}``); ``batch_size`` None: the datamodule's."""
+    ``overrides`` and ``schedule`` keys (``{"name": "cosine", "epochs": 2}``), for ``batch_size`` images a step."""
     from simmim.cli.pretrain import build_module
     from simmim.cli.recipes import load_recipe
 
     schedule = {"milestones": "[]", **(schedule or {})}
-    cfg = load_recipe(
-        "pretrain", ["model.drop_path_rate=0.0", *overrides, *(f"schedule.{k}={v}" for k, v in schedule.items())]
-    )
-    module = build_module(cfg)
-    module.hparams.batch_size = batch_size
-    return module
+    schedule = [f"schedule.{k}={v}" for k, v in schedule.items()]
+    return build_module(load_recipe("pretrain", ["model.drop_path_rate=0.0", f"data.batch_size={batch_size}",
+                                                 *overrides, *schedule]))  # fmt: skip
 
 
 def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs):
@@ -73,7 +70,7 @@ def fit_tiny_pretraining(folder, schedule: dict, callbacks=(), **trainer_kwargs)
 
     pl.seed_everything(0)
     dm = PretrainDataModule(folder, "folder", img_size=32, mask_patch_size=8, batch_size=8, num_workers=0)
-    module = pretrain_module(["optim.lr=0.5", "optim.warmup_lr=0", "optim.min_lr=0"], schedule, batch_size=None)
+    module = pretrain_module(["optim.lr=0.5", "optim.warmup_lr=0", "optim.min_lr=0"], schedule, batch_size=8)
     losses = []
 
     class Record(pl.Callback):

@@ -145,28 +145,25 @@ def test_attention_temperatures_and_position_bias_maps():
 # ---- the callback, checkpoints and the CLI on a real tiny run --------------------------------------------
 @pytest.fixture(scope="module")
 def fitted(image_folder, tmp_path_factory):
-    """A 4-step bf16 fit on 24 real PNGs with the grid callback every 2 steps, and its checkpoint on disk."""
+    """A 4-step fit (precision auto: bf16 where native) on 24 real PNGs with the grid callback every 2 steps, and its
+    checkpoint on disk."""
     import pytorch_lightning as pl
+    from conftest import pretrain_module
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    from simmim import runtime
     from simmim.data import PretrainDataModule
-    from simmim.pretrain import SimMIMPretrainModule
 
     root = tmp_path_factory.mktemp("fit")
     pl.seed_everything(0)
     dm = PretrainDataModule(image_folder, "folder", img_size=IMG, mask_patch_size=8, batch_size=4, num_workers=0)
-    module = SimMIMPretrainModule(
-        "swinv2_nano",
-        {"img_size": IMG, "window_size": 4},
-        optim={"lr": 0.5},
-        batch_size=4,
-        schedule={"name": "constant", "epochs": 1, "warmup_epochs": 0, "milestones": []},
-    )
+    schedule = {"name": "constant", "epochs": 1, "warmup_epochs": 0}
+    module = pretrain_module([f"model.img_size={IMG}", "optim.lr=0.5"], schedule, batch_size=4)
     callback = V.ReconstructionGridCallback(every_n_steps=2, num_images=3)
     trainer = quiet_trainer(
         max_epochs=1,
         max_steps=4,
-        precision="bf16-mixed",
+        precision=runtime.resolve_precision("auto", "cpu").value,
         default_root_dir=root,
         logger=TensorBoardLogger(root, name="logs"),
         callbacks=[callback],
