@@ -65,6 +65,56 @@ def schedule_text(cfg: DictConfig, steps_per_epoch: int) -> str:
     return text
 
 
+def trainer_arguments(cfg: DictConfig, rt: Any) -> dict[str, Any]:
+    """The recipe's ``trainer.*`` with the resolved precision and the run length (``schedule.*``)."""
+    from simmim.training.optim import run_length
+
+    targs = OmegaConf.to_container(cfg.trainer)
+    targs["precision"] = rt.precision.value
+    targs["max_epochs"], targs["max_steps"] = run_length(
+        cfg.schedule.epochs, cfg.schedule.steps, targs.get("max_steps")
+    )
+    return targs
+
+
+def check_run_length(cfg: DictConfig, datamodule: Any) -> None:
+    """Before the run folder is written: too few images for one batch per process (the training sampler's rule and
+    message) and ``trainer.max_steps`` past the schedule's end (the module's rule, checked again when it runs)."""
+    from simmim.data import EpochSampler
+    from simmim.training.optim import check_max_steps
+
+    train_images, world = len(datamodule.train_indices), world_size(cfg)
+    EpochSampler(train_images, cfg.data.batch_size, rank=0, world_size=world, size_notes=datamodule.size_notes)
+    s, accumulate = cfg.schedule, int(cfg.trainer.get("accumulate_grad_batches", 1))
+    per_epoch = s.steps / s.epochs if s.steps else train_images // (cfg.data.batch_size * world) // accumulate
+    max_steps = cfg.trainer.get("max_steps")
+    if per_epoch and max_steps:
+        check_max_steps(int(max_steps), round(s.epochs * per_epoch), s.epochs, s.steps)
+
+
+def log_to_loggers(trainer: Any, cfg: DictConfig | None = None, image: tuple[str, Path] | None = None) -> None:
+    """The resolved recipe as every logger's hyper-parameters (``cfg``), or a picture of the run (``image``: a tag
+    and a PNG) as an image or artifact: TensorBoard images, MLflow artifacts, W&B images; CSV takes neither."""
+    from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if cfg is not None and not isinstance(logger, CSVLogger):
+            logger.log_hyperparams({"recipe": OmegaConf.to_container(cfg, resolve=True)})
+        if image is None or not trainer.is_global_zero:
+            continue
+        tag, path = image
+        if isinstance(logger, TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            logger.experiment.add_image(tag, np.asarray(Image.open(path).convert("RGB")), trainer.global_step,
+                                        dataformats="HWC")  # fmt: skip
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path))
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[str(path)], step=trainer.global_step)
+
+
 def _multirun_dirs(cfg: DictConfig, index: int, stamp: str) -> None:
     if cfg.run_dir:
         cfg.run_dir = str(Path(cfg.run_dir) / str(index))

@@ -17,11 +17,19 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from simmim.cli.checks import model_geometry
-from simmim.cli.command import command_line, save_recipe, schedule_text, world_size
+from simmim.cli.command import (
+    check_run_length,
+    command_line,
+    log_to_loggers,
+    save_recipe,
+    schedule_text,
+    trainer_arguments,
+    world_size,
+)
 from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
 from simmim.training.classify import FinetuneModule, LinearProbeModule
-from simmim.training.optim import run_length
+from simmim.training.preemption import Preemption
 from simmim.training.pretrain import RUNTIME_ONLY
 from simmim.training.trainer import build_trainer, make_loggers, quiet_lightning
 
@@ -149,12 +157,10 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
     if cfg.compile:
         compile_model(module.model, cfg.compile_mode)
     load = load_pretrained(module.model, weights) if weights is not None else None
-    targs = OmegaConf.to_container(cfg.trainer)
-    targs["precision"] = rt.precision.value
-    targs["max_epochs"], targs["max_steps"] = run_length(
-        cfg.schedule.epochs, cfg.schedule.steps, targs.get("max_steps")
-    )
-    callbacks = []
+    check_run_length(cfg, dm)
+    targs = trainer_arguments(cfg, rt)
+    preemption = Preemption(ckpt_dir / "last.ckpt")
+    callbacks: list[pl.Callback] = [preemption]
     if cfg.memory == "auto":
         from simmim.training.memory import MemoryPlanner
 
@@ -163,6 +169,7 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
         run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
         checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
     )  # fmt: skip
+    log_to_loggers(trainer, cfg)
     if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
         save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
         if load is not None:
@@ -170,6 +177,9 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
             pl.utilities.rank_zero_info(str(load))
     rt.log()
     trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    if preemption.signal:  # saved; resume=auto continues
+        return {"mode": cfg.mode, "run_dir": str(run_dir), "steps": trainer.global_step, "preempted": preemption.signal,
+                "checkpoint": str(preemption.checkpoint), "is_global_zero": trainer.is_global_zero}  # fmt: skip
     if module.resumed_step != trainer.global_step and trainer.checkpoint_callback is not None:
         trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)  # stopped mid-epoch: resumable here
     best_cb = trainer.checkpoint_callback
@@ -197,7 +207,10 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
         from simmim.visualize import save_confusion_matrix
 
         _write_json({k: v for k, v in metrics.items() if k != "is_global_zero"}, run_dir / "metrics.json")
-        save_confusion_matrix(metrics["confusion_matrix"], module.class_names, run_dir / "confusion_matrix.png")
+        figure = save_confusion_matrix(
+            metrics["confusion_matrix"], module.class_names, run_dir / "confusion_matrix.png"
+        )
+        log_to_loggers(trainer, image=("confusion_matrix", figure))
     return metrics
 
 
@@ -224,6 +237,11 @@ def plan(cfg: DictConfig) -> str:
 
 
 def report(metrics: dict[str, Any]) -> str:
+    if metrics.get("preempted"):
+        return (
+            f"stopped by {metrics['preempted']} at step {metrics['steps']}: saved {metrics['checkpoint']}; continue "
+            f"with the same command and resume=auto run_dir={metrics['run_dir']}"
+        )
     hidden = ("confusion_matrix", "load_report", "is_global_zero", "per_class_top1", "class_names")
     return json.dumps({k: v for k, v in metrics.items() if k not in hidden}, indent=2, default=str)
 

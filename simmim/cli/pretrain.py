@@ -15,11 +15,19 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from simmim.cli.checks import model_geometry
-from simmim.cli.command import command_line, save_recipe, schedule_text, world_size
+from simmim.cli.command import (
+    check_run_length,
+    command_line,
+    log_to_loggers,
+    save_recipe,
+    schedule_text,
+    trainer_arguments,
+    world_size,
+)
 from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
 from simmim.models.simmim import SimMIM, build_simmim
-from simmim.training.optim import run_length
+from simmim.training.preemption import Preemption
 from simmim.training.pretrain import RUNTIME_ONLY, SimMIMPretrainModule
 from simmim.training.strategy import full_state_dict, sharding_strategy
 from simmim.training.trainer import build_trainer, make_loggers, quiet_lightning
@@ -172,16 +180,14 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
     if cfg.compile:
         compile_model(module.model, cfg.compile_mode)
     datamodule = build_datamodule(cfg, module.model.patch_size)
-    callbacks = list(callbacks)
+    check_run_length(cfg, datamodule)
+    preemption = Preemption(ckpt_dir / "last.ckpt")
+    callbacks = [*callbacks, preemption]
     if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup
         from simmim.training.memory import MemoryPlanner
 
         callbacks.append(MemoryPlanner())
-    targs = OmegaConf.to_container(cfg.trainer)
-    targs["precision"] = rt.precision.value
-    targs["max_epochs"], targs["max_steps"] = run_length(
-        cfg.schedule.epochs, cfg.schedule.steps, targs.get("max_steps")
-    )
+    targs = trainer_arguments(cfg, rt)
     trainer = build_trainer(
         run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
         checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
@@ -196,6 +202,7 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
         )
         probes = []
     trainer.callbacks.extend(probes)
+    log_to_loggers(trainer, cfg)
     if trainer.is_global_zero:
         save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
         if module.load_report is not None:
@@ -213,6 +220,8 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
     }
     if module.resumed_step == trainer.global_step:  # resumed a finished run: nothing trained, nothing to rewrite
         return {**out, "checkpoint": resume, "already_complete": True}
+    if preemption.signal:  # saved; resume=auto continues
+        return {**out, "checkpoint": preemption.checkpoint, "preempted": preemption.signal}
     if datamodule.val_set is not None and "val/loss" not in trainer.callback_metrics:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the run ended before val_check_interval
     if "val/loss" in trainer.callback_metrics:
@@ -229,6 +238,7 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
             out["reconstructions"] = save_reconstructions(
                 model, datamodule, run_dir / "reconstructions.png", cfg.reconstructions, title
             )
+            log_to_loggers(trainer, image=("reconstructions", out["reconstructions"]))
     return out
 
 
@@ -265,6 +275,11 @@ def plan(cfg: DictConfig) -> str:
 def report(out: dict[str, Any]) -> str:
     if out.get("already_complete"):
         return f"nothing to do: the run in {out['run_dir']} is complete at step {out['steps']} ({out['checkpoint']})"
+    if out.get("preempted"):
+        return (
+            f"stopped by {out['preempted']} at step {out['steps']}: saved {out['checkpoint']}; continue with the same "
+            f"command and resume=auto run_dir={out['run_dir']}"
+        )
     lines = [f"done: {out['steps']} steps in {out['seconds']:.0f} s, final loss {out['loss']:.4f}"
              + (f", val loss {out['val_loss']:.4f}" if "val_loss" in out else ""),
              f"  run folder      {out['run_dir']}"]  # fmt: skip

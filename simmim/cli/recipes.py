@@ -143,8 +143,8 @@ def _is_text(cfg: DictConfig, key: str) -> bool:
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     node = parent._get_node(leaf) if isinstance(parent, DictConfig) else None
-    text = "str" in str(getattr(getattr(node, "_metadata", None), "ref_type", ""))
-    return text and not isinstance(node, DictConfig)
+    ref = str(getattr(getattr(node, "_metadata", None), "ref_type", ""))
+    return ref in ("<class 'str'>", "typing.Optional[str]", "str | None")
 
 
 def _check_override(arg: str, base: DictConfig, name: str, trainer_args: set[str] | None) -> tuple[str, set[str]]:

@@ -30,6 +30,7 @@ from simmim.training.strategy import (
     shard_optimizer,
     shard_train_sampler,
 )
+from simmim.training.trainer import log_every_n_steps
 
 __all__ = ["TrainingModule"]
 
@@ -96,9 +97,11 @@ class TrainingModule(pl.LightningModule):
         """The run's schedule in optimizer steps (:attr:`hparams` ``schedule`` and ``optim``)."""
         o, s = self.hparams.optim, self.hparams.schedule
         total = self.total_batch()
-        per_epoch: float = s["steps"] / s["epochs"] if s.get("steps") else self.steps_per_epoch()
+        epoch_steps = self.steps_per_epoch()
+        per_epoch: float = s["steps"] / s["epochs"] if s.get("steps") else epoch_steps
         steps = round(s["epochs"] * per_epoch)
         check_max_steps(self.trainer.max_steps, steps, s["epochs"], s.get("steps"))
+        log_every_n_steps(self.trainer, epoch_steps, steps)
         return LRSchedule(
             total_steps=max(1, steps),
             warmup_steps=round(s["warmup_epochs"] * per_epoch),

@@ -62,6 +62,8 @@ def make_loggers(names: Sequence[str], run_dir: Path, experiment: str) -> list[A
             from pytorch_lightning.loggers import MLFlowLogger
 
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+            if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this switch
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             out.append(MLFlowLogger(experiment_name=experiment, run_name=f"{run_dir.name}-{version}", tracking_uri=uri))
         elif name == "wandb":
             from pytorch_lightning.loggers import WandbLogger

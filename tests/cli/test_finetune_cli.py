@@ -19,6 +19,7 @@ from PIL import Image
 from simmim.checkpoint import load_pretrained, save_encoder
 from simmim.cli.finetune import run
 from simmim.cli.recipes import load_recipe
+from simmim.models import create_model
 from simmim.models.simmim import build_simmim
 
 TINY = dict(img_size=32, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4)
@@ -75,8 +76,8 @@ def test_cli_finetunes_from_an_encoder_file(folders, tmp_path):
     assert Path(metrics["best_checkpoint"]).name == "best.ckpt" and Path(metrics["best_checkpoint"]).is_file()
     assert (run / "recipe.yaml").is_file() and (run / "confusion_matrix.png").is_file()
     # The best checkpoint loads back as pretrained weights (Lightning layout, head included).
-    m = module(num_classes=3, model_kwargs={"img_size": 32})
-    assert load_pretrained(m.model, metrics["best_checkpoint"]).missing == []
+    m = create_model("swinv2_nano", img_size=32, window_size=4, num_classes=3)
+    assert load_pretrained(m, metrics["best_checkpoint"]).missing == []
     # The same run folder again: refused before anything is overwritten.
     before = (run / "checkpoints" / "best.ckpt").stat().st_mtime_ns
     again = run_cli(f"run_dir={run}", f"data.root={folders}", "data.source=imagefolder", cwd=tmp_path)
@@ -100,12 +101,17 @@ def test_cli_knn(folders, tmp_path):
     out = run_cli(
         "recipe=knn", f"pretrained={folders / 'encoder.safetensors'}", f"data.root={folders}",
         "data.batch_size=64", "data.num_workers=0",  # more than the 24 training images: kNN trains nothing
-        f"run_dir={tmp_path / 'knn'}", cwd=tmp_path,
+        "knn.k=50", f"run_dir={tmp_path / 'knn'}", cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "knn" / "metrics.json").read_text())
-    assert metrics["mode"] == "knn" and metrics["k"] == 20
-    assert metrics["val"]["top1"] > 90  # colour classes: separable even for an untrained encoder
+    assert metrics["mode"] == "knn" and metrics["val"]["top1"] > 90  # colour classes: separable even untrained
+    # what it did: k clamped to the 24-image memory bank (and said so), the sizes, the weights and their report
+    assert (metrics["k"], metrics["k_requested"], metrics["bank_images"], metrics["query_images"]) == (24, 50, 24, 12)
+    assert "knn.k=50 is more than the 24 images of the memory bank" in out.stderr
+    assert metrics["pretrained"] == str(folders / "encoder.safetensors") and metrics["load_report"]["loaded"] > 0
+    assert metrics["class_names"] == ["blue", "green", "red"]
+    assert "loaded" in (tmp_path / "knn" / "load_report.txt").read_text()
 
 
 # ---- exact resume ---------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def test_fit_validate_test_with_mixup(tmp_path):
 def test_linear_probe_trains_only_the_head(tmp_path):
     simmim = build_simmim("swinv2_nano", **{k: v for k, v in TINY.items()})
     path = save_encoder(simmim.encoder.state_dict(), tmp_path / "encoder.safetensors", {"img_size": 32})
-    m = module(LinearProbeModule, 3, "mode=linear_probe", "optim.name=sgd", "optim.lr=0.5", "mixup.mixup_alpha=0", "mixup.cutmix_alpha=0")
+    probe = ("mode=linear_probe", "optim.name=sgd", "optim.lr=0.5", "mixup.mixup_alpha=0", "mixup.cutmix_alpha=0")
+    m = module(LinearProbeModule, 3, *probe)
     report = m.load_pretrained(path)
     assert report.missing == ["head.weight", "head.bias"]
     before = {k: v.clone() for k, v in m.model.state_dict().items()}
