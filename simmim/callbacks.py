@@ -16,13 +16,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.checkpoint import atomic_torch_save, remove_stale_temporaries
 from simmim.config import RecipeError
 from simmim.distributed import gather_rng_states, rescale_position, seed_rank, sharding_strategy
+from simmim.io import CheckpointError, check_resume, remove_stale_temporaries, save_torch
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -46,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        atomic_torch_save(checkpoint, path)
+        save_torch(checkpoint, path)
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -59,9 +59,16 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Before a run writes to ``run_dir``: the checkpoint ``cfg.resume`` names (None: a new run); a new run is refused
     where ``checkpoints/`` holds an earlier run's (it would overwrite them), and temporary files of saves killed
-    mid-write are removed."""
+    mid-write are removed. The checkpoint to resume from is checked first (:func:`simmim.io.check_resume`): a
+    file that is no checkpoint, a truncated one or one of another model is refused in one line."""
     ckpt_dir = run_dir / "checkpoints"
     resume = _resolve_resume(cfg, ckpt_dir)
+    if resume is not None:
+        try:  # before Lightning unpickles it (a text file: "KeyError: 101"; another model: pages of size mismatches)
+            kind = "finetune" if "mode" in cfg else "pretrain"
+            check_resume(resume, OmegaConf.to_container(cfg.model, resolve=True), kind)
+        except CheckpointError as e:
+            raise RecipeError(f"resume={cfg.resume}: {e}") from None
     earlier = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if resume is None and earlier:
         listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")

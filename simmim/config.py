@@ -184,12 +184,9 @@ def load_recipe(kind: str, args: Sequence[str], default: str = "quickstart") -> 
 
 def save_recipe(cfg: DictConfig, path: str | Path) -> Path:
     """Write the resolved recipe as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
-    return path
+    from simmim.io import save_text
+
+    return save_text(OmegaConf.to_yaml(cfg, resolve=True), path)
 
 
 @contextlib.contextmanager

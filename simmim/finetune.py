@@ -35,10 +35,10 @@ from simmim.callbacks import (
     resolve_run_dir,
     start_run,
 )
-from simmim.checkpoint import CheckpointError, LoadReport, load_pretrained, read_pretrained
 from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
 from simmim.data import ClassificationDataModule, DataError, show_bad_images_plainly
 from simmim.distributed import make_trainer
+from simmim.io import CheckpointError, LoadReport, load_pretrained, read_pretrained, save_json, save_text
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
 from simmim.models.swinv2 import SwinTransformerV2, compile_model, create_model
 from simmim.optim import (
@@ -132,7 +132,7 @@ class FinetuneModule(ExactResume, pl.LightningModule):
         return self.model(images)
 
     def load_pretrained(self, path: str | Path, trust_checkpoint: bool = False) -> LoadReport:
-        """Load encoder weights of any layout (see :func:`simmim.checkpoint.load_pretrained`)."""
+        """Load encoder weights of any layout (see :func:`simmim.io.load_pretrained`)."""
         return load_pretrained(self.model, path, trust_checkpoint=trust_checkpoint)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -278,12 +278,6 @@ def _save_confusion(matrix: list[list[int]], names: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
     from simmim.eval import knn_evaluate
 
@@ -325,7 +319,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "knn":
         save_recipe(cfg, run_dir / "recipe.yaml")
         metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}
-        _write_json(metrics, run_dir / "metrics.json")
+        save_json(metrics, run_dir / "metrics.json")
         return metrics
     if cfg.mode == "linear_probe" and weights is None:
         print("warning: linear probing random weights (no pretrained=PATH given)", file=sys.stderr)
@@ -377,7 +371,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
         save_recipe(cfg, run_dir / "recipe.yaml")
         if load is not None:
-            (run_dir / "load_report.txt").write_text(str(load) + "\n")
+            save_text(str(load) + "\n", run_dir / "load_report.txt")
     with fit_context(run_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     if module.resumed_step != trainer.global_step:  # stopped by trainer.max_steps mid-epoch: resumable from here
@@ -401,7 +395,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
     }
     if trainer.is_global_zero:
-        _write_json(metrics, run_dir / "metrics.json")
+        save_json(metrics, run_dir / "metrics.json")
         _save_confusion(metrics["confusion_matrix"], module.class_names, run_dir / "confusion_matrix.png")
     return metrics
 

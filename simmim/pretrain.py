@@ -35,7 +35,6 @@ from simmim.callbacks import (
     resolve_run_dir,
     start_run,
 )
-from simmim.checkpoint import CheckpointError, save_encoder
 from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
 from simmim.data import DataError, show_bad_images_plainly
 from simmim.distributed import (
@@ -45,6 +44,8 @@ from simmim.distributed import (
     shard_train_sampler,
     sharding_strategy,
 )
+from simmim.io import CheckpointError, load_pretrained, read_pretrained, save_encoder, simmim_from_weights
+from simmim.io.schema import RUNTIME_ONLY  # model options that change memory, not weights
 from simmim.memory import MemoryPlanner
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import MODEL_CONFIGS, compile_model
@@ -61,7 +62,6 @@ from simmim.optim import (
 
 __all__ = ["SimMIMPretrainModule", "model_config", "check_geometry", "run", "main"]
 
-RUNTIME_ONLY = ("use_checkpoint", "attn_chunk_size")  # model options that change memory, not weights
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -85,7 +85,8 @@ class SimMIMPretrainModule(ExactResume, pl.LightningModule):
         schedule: ``name`` (cosine | multistep | constant), ``epochs``, ``warmup_epochs``, ``milestones``
             (epochs), ``gamma``. Steps come from the train loader length and ``accumulate_grad_batches``.
         batch_size: images per device per step, for the lr scaling; None reads the datamodule's ``batch_size``.
-        init_from: optional weights (any layout :func:`simmim.checkpoint.load_pretrained` reads) to start from.
+        init_from: optional weights (any layout :func:`simmim.io.load_pretrained` reads) to start from; a SimMIM
+            checkpoint's pixel decoder and mask token are loaded too.
     """
 
     def __init__(
@@ -117,9 +118,7 @@ class SimMIMPretrainModule(ExactResume, pl.LightningModule):
             model, norm_target=norm_target, norm_target_patch_size=norm_target_patch_size, **kwargs
         )
         if init_from:
-            from simmim.checkpoint import load_pretrained
-
-            print(load_pretrained(self.model.encoder, init_from))
+            print(load_pretrained(self.model, init_from))
         self._param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}  # before FSDP flattens them
         self.optim_cfg = {
             "lr": 1e-4,
@@ -334,10 +333,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callbac
 
 
 # ---- outputs --------------------------------------------------------------------------------------------------
-def export_encoder(model: SimMIM, config: dict[str, Any], path: str | Path) -> Path:
-    """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, config in metadata."""
+def export_encoder(
+    model: SimMIM, config: dict[str, Any], path: str | Path, provenance: Mapping[str, Any] | None = None
+) -> Path:
+    """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, config and provenance
+    (recipe, steps, final loss, library version) in metadata."""
     sd = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
-    return save_encoder(sd, path, config)
+    return save_encoder(sd, path, config, provenance)
 
 
 def save_reconstructions(model: SimMIM, datamodule: Any, path: str | Path, n: int = 8, title: str = "") -> Path:
@@ -358,11 +360,7 @@ def trained_model(trainer: pl.Trainer, module: SimMIMPretrainModule) -> SimMIM |
     state = full_state_dict(trainer, module)
     if not trainer.is_global_zero:
         return None
-    hp = module.hparams
-    nt = dict(norm_target=hp.norm_target, norm_target_patch_size=hp.norm_target_patch_size)
-    model = build_simmim(hp.model_config["model"], **nt, **hp.model_kwargs)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model
+    return simmim_from_weights(read_pretrained({"state_dict": state, "hyper_parameters": dict(module.hparams)}))
 
 
 def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callback:
@@ -454,7 +452,9 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     out["checkpoint"] = ckpt_dir / "last.ckpt"
     model = trained_model(trainer, module)
     if model is not None:
-        out["encoder"] = export_encoder(model, module.hparams.model_config, run_dir / "encoder.safetensors")
+        recipe = OmegaConf.to_container(cfg, resolve=True)
+        provenance = {"recipe": recipe, "steps": out["steps"], "final_loss": out["loss"]}
+        out["encoder"] = export_encoder(model, module.hparams.model_config, run_dir / "encoder.safetensors", provenance)
         if cfg.reconstructions > 0:
             title = f"{module.hparams.model_config['model']} step {module.global_step}"
             out["reconstructions"] = save_reconstructions(

@@ -17,9 +17,9 @@ from conftest import kill_once_written, quiet_trainer
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from simmim.checkpoint import load_pretrained, save_encoder
 from simmim.config import load_recipe
 from simmim.finetune import FinetuneModule, run
+from simmim.io import load_pretrained, save_encoder
 from simmim.models.simmim import build_simmim
 
 TINY = dict(img_size=32, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4)

@@ -12,8 +12,8 @@ import torch
 from conftest import fit_tiny_pretraining, kill_once_written, pretrain_args
 
 from simmim.callbacks import AtomicCheckpointIO, NonFiniteError
-from simmim.checkpoint import load_encoder
 from simmim.config import RecipeError, load_recipe
+from simmim.io import load_encoder
 from simmim.models import create_model
 from simmim.pretrain import run
 

@@ -1,4 +1,5 @@
-"""load_pretrained: every supported layout gives the source model's outputs; bad files give clear errors."""
+"""simmim.io: load_pretrained from every supported layout gives the source model's outputs; bad files give clear
+errors; the one atomic writer and its stale-temporary clean-up; the resume pre-flight check; encoder provenance."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import types
 import pytest
 import torch
 
-from simmim.checkpoint import (
+from simmim.io import (
     CheckpointError,
-    atomic_torch_save,
     load_pretrained,
     read_pretrained,
     remove_stale_temporaries,
     save_encoder,
+    save_torch,
 )
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import SwinTransformerV2
@@ -78,7 +79,7 @@ def test_official_simmim_checkpoint(tmp_path, fake_yacs):
     sd = {k.replace(".cpb_mlp.", ".rpe_mlp."): v for k, v in simmim.state_dict().items()}  # released naming
     sd.update(official_buffers(simmim.encoder, "encoder."))
     cfg = fake_yacs({"MODEL": fake_yacs({"TYPE": "swinv2"})})
-    path = atomic_torch_save({"model": sd, "config": cfg, "epoch": 799, "max_accuracy": 0.0}, tmp_path / "ckpt.pth")
+    path = save_torch({"model": sd, "config": cfg, "epoch": 799, "max_accuracy": 0.0}, tmp_path / "ckpt.pth")
     sys.modules.pop("yacs.config")  # the reader must not need yacs
 
     model = ours(num_classes=10)
@@ -97,7 +98,7 @@ def test_official_simmim_checkpoint(tmp_path, fake_yacs):
 
 def test_official_classification_checkpoint(tmp_path):
     src = randomise(ours(num_classes=5))
-    path = atomic_torch_save({"model": {**src.state_dict(), **official_buffers(src)}}, tmp_path / "cls.pth")
+    path = save_torch({"model": {**src.state_dict(), **official_buffers(src)}}, tmp_path / "cls.pth")
     same = ours(num_classes=5)
     report = load_pretrained(same, path)
     assert report.missing == [] and report.dropped == []
@@ -164,7 +165,7 @@ def test_encoder_safetensors_and_lightning_layout(tmp_path):
     config = {"model": "swinv2_nano", "img_size": 32}
     enc = save_encoder(simmim.encoder.state_dict(), tmp_path / "encoder.safetensors", config)
     # A Lightning checkpoint keeps the SimMIM model under an attribute: model.encoder.* / model.decoder.*
-    ckpt = atomic_torch_save(
+    ckpt = save_torch(
         {
             "state_dict": {f"model.{k}": v for k, v in simmim.state_dict().items()},
             "hyper_parameters": {"model_config": config},
@@ -199,7 +200,7 @@ def test_transfer_192_w12_to_224_w14(tmp_path):
     kw = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
     pre = randomise(build_simmim("swinv2_nano", img_size=192, window_size=12, **kw))
     sd = {**pre.state_dict(), **official_buffers(pre.encoder, "encoder.")}
-    path = atomic_torch_save({"model": sd}, tmp_path / "pt.pth")
+    path = save_torch({"model": sd}, tmp_path / "pt.pth")
     weights = read_pretrained(path)
     assert weights.window_sizes == (12, 12, 12, 6)
     model = SwinTransformerV2(
@@ -241,7 +242,7 @@ def test_bad_files(tmp_path):
 
 
 def test_truncated_checkpoint(tmp_path):
-    src = atomic_torch_save({"state_dict": {f"model.{k}": v for k, v in ours().state_dict().items()}}, tmp_path / "a")
+    src = save_torch({"state_dict": {f"model.{k}": v for k, v in ours().state_dict().items()}}, tmp_path / "a")
     data = src.read_bytes()
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(data[: len(data) // 2])
