@@ -11,13 +11,17 @@ import contextlib
 import difflib
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["RecipeError", "recipes_dir", "available_recipes", "load_recipe", "save_recipe", "cpu_threads"]
+from simmim import runtime
+
+__all__ = ["RecipeError", "recipes_dir", "available_recipes", "load_recipe", "save_recipe", "RunRuntime", "run_runtime"]
 
 
 class RecipeError(ValueError):
@@ -54,6 +58,7 @@ def _read(kind: str, name: str, seen: tuple[str, ...] = ()) -> DictConfig:
         raise RecipeError(f"cannot parse recipe {path}: {e}") from e
     if not isinstance(cfg, DictConfig):
         raise RecipeError(f"recipe {path} must be a mapping of keys to values")
+    cfg.pop("resolved", None)  # a saved recipe.yaml: what auto values became on the machine that wrote it
     base = cfg.pop("base", None)
     if base:
         cfg = OmegaConf.merge(_read(kind, str(base), seen + (name,)), cfg)
@@ -182,27 +187,51 @@ def load_recipe(kind: str, args: Sequence[str], default: str = "quickstart") -> 
     return cfg
 
 
-def save_recipe(cfg: DictConfig, path: str | Path) -> Path:
-    """Write the resolved recipe as YAML (atomically)."""
+def save_recipe(cfg: DictConfig, path: str | Path, resolved: Mapping[str, Any] | None = None) -> Path:
+    """Write the resolved recipe as YAML (atomically); ``resolved``: what its ``auto`` values became on this machine,
+    saved under ``resolved:`` (ignored when the file is read back as a recipe, so a resume elsewhere re-resolves)."""
     from simmim.io import save_text
 
-    return save_text(OmegaConf.to_yaml(cfg, resolve=True), path)
+    out = OmegaConf.merge(cfg, {"resolved": dict(resolved)}) if resolved else cfg
+    return save_text(OmegaConf.to_yaml(out, resolve=True), path)
+
+
+@dataclass(frozen=True)
+class RunRuntime:
+    """A run's hardware decisions (simmim.runtime): its Lightning precision and torch's CPU threads."""
+
+    precision: runtime.PrecisionChoice
+    threads: runtime.ThreadPlan
+
+    def log(self) -> None:
+        """One line per decision (the CLIs call this once the run is set up, so refusals come first)."""
+        log = runtime.log
+        log.info("machine: %s", runtime.describe(self.threads.threads))
+        log.info("precision: %s -> %s (%s)", self.precision.requested, self.precision.value, self.precision.reason)
+        log.info("threads: %d (%s)", self.threads.threads, self.threads.reason)
+        for key, reason in runtime.fast_paths().reasons.items():
+            log.info("%s: %s", key, reason)
+        if self.precision.warning:
+            warnings.warn(self.precision.warning, stacklevel=2)
+
+    def resolved(self) -> dict[str, Any]:
+        """For ``recipe.yaml``: the request stays in the recipe, what it became on this machine goes beside it."""
+        return runtime.summary(precision=self.precision.value, threads=self.threads.threads)
 
 
 @contextlib.contextmanager
-def cpu_threads(threads: Any) -> Iterator[None]:
-    """The recipe's ``threads``: torch's CPU threads while the block runs (null: torch's default, untouched),
-    restored afterwards so an in-process run leaves the caller's setting as it was."""
-    if threads is None:
-        yield
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise RecipeError(f"threads={threads!r}: give a number of CPU threads >= 1, or null for torch's default")
-    import torch
+def run_runtime(cfg: DictConfig, model_config: Mapping[str, Any]) -> Iterator[RunRuntime]:
+    """Resolve the recipe's ``trainer.precision`` and ``threads`` on this machine, log them once, and run the block
+    with torch's CPU threads set (restored afterwards, so an in-process run leaves the caller's setting)."""
+    from simmim.memory import train_gflop_per_image
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    trainer = cfg.get("trainer") or {}
     try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        precision = runtime.resolve_precision(trainer.get("precision", "auto"), trainer.get("accelerator", "auto"))
+        work = train_gflop_per_image(model_config, int(cfg.model.img_size))
+        threads = runtime.plan_threads(cfg.get("threads"), int(cfg.data.num_workers), work)
+    except ValueError as e:
+        raise RecipeError(str(e).replace("precision=", "trainer.precision=", 1)) from e
+    with runtime.torch_threads(threads.threads):
+        runtime.fast_paths()  # measured (or read from the cache) at these threads, and logged, before training
+        yield RunRuntime(precision, threads)

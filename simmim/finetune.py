@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from simmim import runtime
 from simmim.callbacks import (
     AtomicCheckpointIO,
     ExactResume,
@@ -35,12 +36,12 @@ from simmim.callbacks import (
     resolve_run_dir,
     start_run,
 )
-from simmim.config import RecipeError, cpu_threads, load_recipe, save_recipe
+from simmim.config import RecipeError, RunRuntime, load_recipe, run_runtime, save_recipe
 from simmim.data import ClassificationDataModule, DataError, show_bad_images_plainly
 from simmim.distributed import make_trainer
 from simmim.io import CheckpointError, LoadReport, load_pretrained, read_pretrained, save_json, save_text
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
-from simmim.models.swinv2 import SwinTransformerV2, compile_model, create_model
+from simmim.models.swinv2 import MODEL_CONFIGS, SwinTransformerV2, compile_model, create_model
 from simmim.optim import (
     LRSchedule,
     build_optimizer,
@@ -278,7 +279,7 @@ def _save_confusion(matrix: list[list[int]], names: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
+def _run_knn(cfg: DictConfig, windows: Sequence[int] | None, bf16: bool) -> dict[str, Any]:
     from simmim.eval import knn_evaluate
 
     if not cfg.pretrained:
@@ -288,7 +289,6 @@ def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
     print(report)
     dm = _data_module(cfg)
     dm.setup("validate")
-    bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
     result = knn_evaluate(
         model, dm.train_eval_dataloader(), dm.val_dataloader(), cfg.knn.k, cfg.knn.temperature, dm.num_classes, bf16
     )
@@ -297,11 +297,17 @@ def _run_knn(cfg: DictConfig, windows: Sequence[int] | None) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run a resolved recipe; returns the final metrics (also written to ``<run dir>/metrics.json``)."""
-    with cpu_threads(cfg.get("threads")):
-        return _run(cfg)
+    geometry = {k: cfg.model[k] for k in ("img_size", "window_size", "patch_size") if k in cfg.model}
+    try:
+        config = {"model": cfg.model.name, **MODEL_CONFIGS[cfg.model.name], **geometry}
+    except KeyError:
+        names = ", ".join(sorted(MODEL_CONFIGS))
+        raise RecipeError(f"model.name={cfg.model.name!r} is not a known model; available: {names}") from None
+    with run_runtime(cfg, config) as rt:
+        return _run(cfg, rt)
 
 
-def _run(cfg: DictConfig) -> dict[str, Any]:
+def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise RecipeError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -317,8 +323,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         raise RecipeError("mode=knn trains nothing, so there is nothing to resume: leave resume unset")
     resume = start_run(cfg, run_dir)
     if cfg.mode == "knn":
-        save_recipe(cfg, run_dir / "recipe.yaml")
-        metrics = {**_run_knn(cfg, windows), "run_dir": str(run_dir), "seconds": time.perf_counter() - start}
+        rt.log()
+        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
+        metrics = {**_run_knn(cfg, windows, rt.precision.bf16), "run_dir": str(run_dir)}
+        metrics["seconds"] = time.perf_counter() - start
         save_json(metrics, run_dir / "metrics.json")
         return metrics
     if cfg.mode == "linear_probe" and weights is None:
@@ -354,6 +362,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     )
     logs = run_dir / "logs"
     version = f"version_{sum(1 for p in logs.glob('version_*'))}"  # one folder per launch
+    trainer_kw["precision"] = rt.precision.value
     trainer_kw["max_epochs"], trainer_kw["max_steps"] = run_length(
         cfg.schedule.epochs, cfg.schedule.get("steps"), trainer_kw.get("max_steps")
     )
@@ -369,9 +378,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         **trainer_kw,
     )
     if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
-        save_recipe(cfg, run_dir / "recipe.yaml")
+        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
         if load is not None:
             save_text(str(load) + "\n", run_dir / "load_report.txt")
+    rt.log()
     with fit_context(run_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     if module.resumed_step != trainer.global_step:  # stopped by trainer.max_steps mid-epoch: resumable from here
@@ -406,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__)
         return 0
     show_bad_images_plainly()
+    runtime.log_to_stderr()
     try:
         cfg = load_recipe("finetune", argv, default="quickstart")
         metrics = run(cfg)

@@ -34,7 +34,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["BlockGeometry", "MemoryPlan", "block_geometry", "available_memory", "plan_memory", "MemoryPlanner"]
+__all__ = [
+    "train_gflop_per_image",
+    "BlockGeometry",
+    "MemoryPlan",
+    "block_geometry",
+    "available_memory",
+    "plan_memory",
+    "MemoryPlanner",
+]
 
 GIB = 2**30
 FRACTION = 0.6  # of the available memory; the rest covers allocator fragmentation, workspaces and data loading
@@ -79,6 +87,19 @@ def block_geometry(model_config: Mapping[str, Any], img_size: int, batch_size: i
         geo = BlockGeometry(batch_size * padded**2, embed * 2**i, h, w * w, (padded // w) ** 2)
         blocks += [geo] * depth
     return blocks
+
+
+def train_gflop_per_image(model_config: Mapping[str, Any], img_size: int) -> float:
+    """Matrix-product GFLOP of one training step per image (3x the forward: the backward does two products for
+    each forward one): per block 24 T C^2 (qkv, projection, 4C MLP) + 4 T N C (attention), per patch merging
+    4 T C^2, for T tokens of C channels and windows of N tokens."""
+    blocks = block_geometry(model_config, img_size, 1)
+    forward = sum(24 * b.tokens * b.channels**2 + 4 * b.tokens * b.window_tokens * b.channels for b in blocks)
+    embed, depths = model_config["embed_dim"], model_config["depths"]
+    grid = math.ceil(img_size / model_config.get("patch_size", 4))
+    for i in range(len(depths) - 1):
+        forward += 4 * math.ceil(grid / 2**i) ** 2 * (embed * 2**i) ** 2
+    return 3 * forward / 1e9
 
 
 def _element_size(precision: str | int) -> int:

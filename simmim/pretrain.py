@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
+from simmim import runtime
 from simmim.callbacks import (
     AtomicCheckpointIO,
     ExactResume,
@@ -35,7 +36,7 @@ from simmim.callbacks import (
     resolve_run_dir,
     start_run,
 )
-from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
+from simmim.config import RecipeError, RunRuntime, available_recipes, load_recipe, run_runtime, save_recipe
 from simmim.data import DataError, show_bad_images_plainly
 from simmim.distributed import (
     full_state_dict,
@@ -234,7 +235,7 @@ class SimMIMPretrainModule(ExactResume, pl.LightningModule):
 def check_geometry(cfg: DictConfig) -> None:
     """Errors for impossible image / mask / window geometry, before any model or data is built."""
     m, d = cfg.model, cfg.data
-    full = model_config(m.name, **{k: v for k, v in m.items() if k in ("img_size", "window_size", "patch_size")})
+    full = model_config(m.name, **_geometry(m))
     img, patch, window = int(m.img_size), int(full.get("patch_size", 4)), full.get("window_size", 7)
     mp, ratio = int(d.mask_patch_size), float(d.mask_ratio)
     if img % mp:
@@ -296,11 +297,16 @@ def build_datamodule(cfg: DictConfig, patch_size: int) -> pl.LightningDataModule
     return PretrainDataModule(img_size=cfg.model.img_size, model_patch_size=patch_size, seed=cfg.seed, **data)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = (), precision: str | None = None
+) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     targs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if precision is None:
+        precision = runtime.resolve_precision(targs.get("precision", "auto"), targs.get("accelerator")).value
+    targs["precision"] = precision
     if "max_epochs" in targs:
         raise RecipeError("set schedule.epochs instead of trainer.max_epochs (the lr schedule is built from it)")
     every = int(cfg.checkpoint.every_n_steps)
@@ -383,7 +389,7 @@ def _grid_callback(cfg: DictConfig, datamodule: Any, run_dir: Path) -> pl.Callba
     )
 
 
-def _knn_callback(cfg: DictConfig) -> pl.Callback:
+def _knn_callback(cfg: DictConfig, bf16: bool) -> pl.Callback:
     """kNN accuracy of the encoder's features on a labelled split every ``knn.every_n_epochs`` epochs."""
     from simmim.data import ClassificationDataModule
     from simmim.eval import KNNMonitor
@@ -398,18 +404,22 @@ def _knn_callback(cfg: DictConfig) -> pl.Callback:
         label_fraction=k.label_fraction,
         seed=cfg.seed,
     )
-    return KNNMonitor.from_datamodule(make, every_n_epochs=k.every_n_epochs, bf16="bf16" in str(cfg.trainer.precision))
+    return KNNMonitor.from_datamodule(make, every_n_epochs=k.every_n_epochs, bf16=bf16)
 
 
 # ---- entry points ----------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Run a resolved recipe (see :func:`simmim.config.load_recipe`); returns paths and the final loss."""
-    with cpu_threads(cfg.get("threads")):
-        return _run(cfg, callbacks)
-
-
-def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     check_geometry(cfg)
+    with run_runtime(cfg, model_config(cfg.model.name, **_geometry(cfg.model))) as rt:
+        return _run(cfg, callbacks, rt)
+
+
+def _geometry(m: DictConfig) -> dict[str, Any]:
+    return {k: m[k] for k in ("img_size", "window_size", "patch_size") if k in m}
+
+
+def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
     resume = start_run(cfg, run_dir)
@@ -433,10 +443,11 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> dict[str, Any]:
     if cfg.visualize_every_n_steps > 0 and not sharded:
         callbacks.append(_grid_callback(cfg, datamodule, run_dir))
     if cfg.knn.root and not sharded:
-        callbacks.append(_knn_callback(cfg))
-    trainer = build_trainer(cfg, run_dir, callbacks)
+        callbacks.append(_knn_callback(cfg, rt.precision.bf16))
+    trainer = build_trainer(cfg, run_dir, callbacks, rt.precision.value)
     if trainer.is_global_zero:
-        save_recipe(cfg, run_dir / "recipe.yaml")
+        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
+    rt.log()
     start = time.perf_counter()
     with fit_context(run_dir):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -470,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__ + f"\nRecipes (recipes/pretrain): {', '.join(available_recipes('pretrain'))}")
         return 0
     show_bad_images_plainly()
+    runtime.log_to_stderr()
     try:
         cfg = load_recipe("pretrain", argv)
         out = run(cfg)

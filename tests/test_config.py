@@ -1,8 +1,7 @@
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from simmim.config import RecipeError, available_recipes, cpu_threads, load_recipe, save_recipe
+from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe
 from simmim.pretrain import check_geometry
 
 OFFICIAL = ["swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large", "swinv2_huge", "swinv2_giant"]
@@ -113,17 +112,7 @@ def test_save_recipe_roundtrip(tmp_path):
     assert OmegaConf.load(path).data.batch_size == 7
 
 
-def test_threads_are_set_for_the_run_and_restored():
-    before = torch.get_num_threads()
-    with cpu_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with cpu_threads(None):
-        assert torch.get_num_threads() == before
-    for bad in (0, "two", 1.5, True):
-        with pytest.raises(RecipeError, match=r"threads=.*give a number of CPU threads >= 1, or null"):
-            with cpu_threads(bad):
-                pass
-    assert load_recipe("pretrain", []).threads == 1  # the quickstart's nano model
-    assert load_recipe("pretrain", ["recipe=imagenette_cpu"]).threads is None
-    assert load_recipe("finetune", ["recipe=knn"]).threads is None
+def test_threads_default_to_auto():
+    for kind, recipe in (("pretrain", "quickstart"), ("pretrain", "imagenette_cpu"), ("finetune", "knn")):
+        assert load_recipe(kind, [f"recipe={recipe}"]).threads == "auto"
+    assert load_recipe("pretrain", ["threads=2"]).threads == 2

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.backends.common import aot_autograd
 
-import simmim.models.ops as ops
-from simmim.models.ops import linear
+from simmim import runtime
+from simmim.models.ops import linear, onednn_linear
 
-pytestmark = pytest.mark.skipif(not ops.ONEDNN_LINEAR, reason="torch built without oneDNN (mkldnn)")
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN (mkldnn)")
 
 
 def _grads(fn, x, weight, bias):
@@ -28,7 +28,7 @@ def test_float32_matches_f_linear(shape, out_features, with_bias):
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(shape, generator=g), torch.randn(out_features, 40, generator=g), torch.randn(out_features)
     b = b if with_bias else None
-    got, got_grads = _grads(linear, x, w, b)
+    got, got_grads = _grads(onednn_linear, x, w, b)
     ref, ref_grads = _grads(F.linear, x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == torch.float32 and got.shape == ref.shape
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
@@ -37,15 +37,18 @@ def test_float32_matches_f_linear(shape, out_features, with_bias):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4)
 
 
-def test_other_dtypes_autocast_and_the_switch_take_f_linear(monkeypatch):
+def test_other_dtypes_autocast_and_the_switch_take_f_linear():
     x, w = torch.randn(3, 8, requires_grad=True), torch.randn(5, 8)
-    assert linear(x, w).grad_fn.name() == "_OneDNNLinearBackward"
+    with runtime.overridden(onednn_linear=True):
+        assert linear(x, w).grad_fn.name() == "_OneDNNLinearBackward"
+        with runtime.reference_kernels():
+            assert linear(x, w).grad_fn.name() == "MmBackward0"
     assert linear(x.double(), w.double()).grad_fn.name() == "MmBackward0"  # no oneDNN float64 kernel
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = linear(x, w)
     assert out.dtype == torch.bfloat16 and out.grad_fn.name() == "MmBackward0"
-    monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
-    assert linear(x, w).grad_fn.name() == "MmBackward0"
+    with runtime.overridden(onednn_linear=False):
+        assert linear(x, w).grad_fn.name() == "MmBackward0"
 
 
 @pytest.mark.slow
@@ -56,7 +59,7 @@ def test_compiled_graph_keeps_the_onednn_kernel():
     x, w, b = torch.randn(6, 5, 40, generator=g), torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
 
     def fn(x, w, b):
-        return torch.nn.functional.gelu(linear(x, w, b)).square()
+        return torch.nn.functional.gelu(onednn_linear(x, w, b)).square()
 
     ref, ref_grads = _grads(fn, x, w, b)
     got, got_grads = _grads(torch.compile(fn, fullgraph=True), x, w, b)  # inductor
@@ -78,7 +81,7 @@ def test_strided_inputs_and_gradients():
     g = torch.Generator().manual_seed(0)
     big, w = torch.randn(50, 120, generator=g), torch.randn(30, 40, generator=g)
     results = []
-    for fn in (linear, F.linear):
+    for fn in (onednn_linear, F.linear):
         leaf, weight = big.clone().requires_grad_(), w.clone().requires_grad_()
         out = fn(leaf[:, 40:80], weight)
         out[:, ::2].square().sum().backward()  # gradient zero in every other column

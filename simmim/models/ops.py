@@ -8,24 +8,18 @@ results agree with ``F.linear`` to float32 rounding; ``torch.compile`` keeps the
 else (bfloat16 autocast, where ATen already calls oneDNN and the fused bias measured within noise; other devices and
 dtypes) is ``F.linear``.
 
-On by default on x86-64; ``simmim.models.ops.ONEDNN_LINEAR = False`` (or ``SIMMIM_ONEDNN_LINEAR=0`` in the
-environment) turns it off, ``SIMMIM_ONEDNN_LINEAR=1`` on elsewhere.
+Used where :func:`simmim.runtime.fast_paths` measured it faster than ``F.linear`` on this CPU (see there; on
+AVX2-only CPUs MKL wins and ``F.linear`` is used).
 """
 
 from __future__ import annotations
 
-import os
-import platform
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "ONEDNN_LINEAR"]
+from simmim import runtime
 
-# On by default on x86-64, where it was measured; oneDNN on ARM (Apple silicon, Graviton) competes with vendor BLAS
-# there and was not: SIMMIM_ONEDNN_LINEAR=1 turns it on anywhere oneDNN is built in, 0 turns it off.
-_SETTING = os.environ.get("SIMMIM_ONEDNN_LINEAR", "1" if platform.machine().lower() in ("x86_64", "amd64") else "0")
-ONEDNN_LINEAR = _SETTING != "0" and torch.backends.mkldnn.is_available()
+__all__ = ["linear", "onednn_linear"]
 
 
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,13 +69,19 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 CPU linear through oneDNN, forward and backward (whatever :func:`simmim.runtime.fast_paths` says)."""
+    return _OneDNNLinear.apply(x.contiguous(), weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; float32 on CPU (outside autocast) through oneDNN (see the module docstring)."""
+    """``F.linear``; float32 on CPU (outside autocast) through oneDNN where that is faster (module docstring)."""
     if (
-        not ONEDNN_LINEAR
-        or x.device.type != "cpu"
+        x.device.type != "cpu"
+        or not runtime.kernels_enabled()
+        or not runtime.fast_paths().onednn_linear
         or torch.is_autocast_enabled("cpu")
         or not all(t.dtype == torch.float32 for t in (x, weight, bias) if t is not None)
     ):
         return F.linear(x, weight, bias)
-    return _OneDNNLinear.apply(x.contiguous(), weight, bias)
+    return onednn_linear(x, weight, bias)

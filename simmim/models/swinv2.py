@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from simmim import runtime
 from simmim.models.ops import linear
 
 __all__ = [
@@ -47,8 +48,6 @@ LOG_MAX_SCALE = math.log(100.0)  # logit_scale is clamped at log(1/0.01): temper
 MASK_VALUE = -100.0  # the official shifted-window mask value (not -inf)
 _SOFTMAX_CHUNK_BYTES = 4 << 20  # CPU attention: float32 logits handled a few images at a time (fits the L3 cache)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-# CPU kernels for half dtypes run a scalar loop over rows shorter than a vector register (32 values with AVX-512)
-_VECTOR_LANES = 32
 PAD_MASK_VALUE = -1e4  # padded keys: far below any cosine logit (|logit| <= 100 + 16)
 
 
@@ -247,7 +246,7 @@ def _attention(qkv: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, p: fl
     group of G consecutive windows (G = nW: one per image; G = 1: shared by all) -> [B*nW, N, C]. On CPU without
     attention dropout the hand-written ``simmim::cosine_window_attention`` op (opaque to ``torch.compile``, which
     fuses the rest of the block around it); otherwise normalisation plus ``scaled_dot_product_attention``."""
-    if qkv.device.type == "cpu" and p == 0.0:
+    if qkv.device.type == "cpu" and p == 0.0 and runtime.kernels_enabled() and runtime.fast_paths().cpu_attention:
         return cosine_window_attention(qkv, scale, bias)[0]
     return _sdpa_attention(qkv, scale, bias, p)
 
@@ -284,7 +283,8 @@ def _row_factors(factors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Per-row factors [..., 1] for an elementwise op with ``rows`` [..., hd], in its dtype; written out at full
     size for short half-precision rows, which the broadcast kernels do not vectorise (hd 24: ~8x slower)."""
     factors = factors.to(rows.dtype)
-    if rows.dtype in _HALF_DTYPES and rows.shape[-1] < _VECTOR_LANES:
+    # ATen's half-precision broadcast kernels run a scalar loop over rows shorter than a vector register
+    if rows.dtype in _HALF_DTYPES and rows.shape[-1] < runtime.fast_paths().lanes(rows.element_size()):
         return factors.expand(rows.shape).contiguous()
     return factors
 
@@ -293,7 +293,7 @@ def _softmax_backward_(grad: torch.Tensor, probs: torch.Tensor) -> None:
     """grad <- the gradient of the logits, in place. Short half-precision rows (windows under 32 tokens: 4-7x
     slower than float32) go through float32 in cache-sized chunks."""
     n = probs.shape[-1]
-    if probs.dtype not in _HALF_DTYPES or n >= _VECTOR_LANES:
+    if probs.dtype not in _HALF_DTYPES or n >= runtime.fast_paths().lanes(probs.element_size()):
         torch._softmax_backward_data(grad, probs, -1, probs.dtype, grad_input=grad)
         return
     grad, probs = grad.view(-1, n), probs.view(-1, n)
@@ -900,5 +900,6 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if mode not in modes:
         raise ValueError(f"compile_mode={mode!r} is not a torch.compile mode; use one of {', '.join(modes)}")
+    runtime.fast_paths()  # decided (and calibrated) eagerly, not inside a traced graph
     model.compile(mode=None if mode == "default" else mode)
     return model

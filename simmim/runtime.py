@@ -1,0 +1,460 @@
+"""Every hardware choice and environment switch of simmim, decided in one place from what the machine does.
+
+Importing this module does nothing (it does not even import torch): each decision is made on first use, from the
+machine's measured capability (never from an architecture's name), and logged once.
+
+* :func:`machine`: the CPU (model, torch's CPU capability, native bf16, vector width, cores) and the GPUs.
+* :func:`resolve_precision`: ``auto`` -> bf16-mixed on CUDA devices with bf16, 16-mixed (GradScaler) on those
+  without, bf16-mixed on CPUs with native bf16 matrix instructions (AVX512_BF16, AMX: oneDNN says), else 32-true.
+  An explicit bf16 on a CPU without native bf16 runs, with a warning that gives its measured cost.
+* :func:`fast_paths`: our CPU kernels. The float32 linears on oneDNN are on where a start-up calibration (a few
+  milliseconds, cached per machine) measured them faster than ``F.linear`` (MKL): ~2.5x on AMD CPUs with AVX-512,
+  slower on AVX2-only ones. The hand-written attention is on for every CPU; its vector width follows the CPU.
+  :func:`reference_kernels` turns every hand-written kernel off inside a block (exports, reference checks).
+* :func:`plan_threads`: torch's CPU threads of a training process, from the cores, the loader workers and the
+  model's work per image.
+* :func:`prepare_process`: the OpenMP wait policy, which must be set before torch loads (entry points call it).
+
+Environment switches (read when a decision is made, not at import): ``SIMMIM_ONEDNN_LINEAR=0|1`` forces the oneDNN
+linears off or on, ``SIMMIM_CPU_ATTENTION=0`` turns the hand-written attention off, ``SIMMIM_CACHE_DIR`` moves the
+calibration cache (default ``~/.cache/simmim``). oneDNN's ``ONEDNN_MAX_CPU_ISA``, ATen's ``ATEN_CPU_CAPABILITY`` and
+MKL's ``MKL_ENABLE_INSTRUCTIONS`` imitate a lesser CPU; every decision honours them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Machine",
+    "FastPaths",
+    "PrecisionChoice",
+    "ThreadPlan",
+    "machine",
+    "describe",
+    "resolve_precision",
+    "fast_paths",
+    "kernels_enabled",
+    "reference_kernels",
+    "overridden",
+    "plan_threads",
+    "prepare_process",
+    "log_to_stderr",
+    "summary",
+]
+
+log = logging.getLogger("simmim.runtime")
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
+IMITATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+# float32 linears go to oneDNN only when the calibration measured them at least this much faster than F.linear
+ONEDNN_MIN_SPEEDUP = 1.15
+# GFLOP of a training step per image (3x the forward's matrix products) below which a model is loader-bound on a CPU:
+# the nano model at 32 px (~0.03) trains fastest with the loader worker's core left to it, models from the micro at
+# 64 px (~0.2) up on all cores (benchmarks/RESULTS.md, threads)
+LOADER_BOUND_GFLOP = 0.1
+
+
+# ---- what the machine is --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Machine:
+    """The CPU as torch and oneDNN see it (imitation variables included) and the CUDA devices."""
+
+    cpu_model: str
+    arch: str
+    capability: str  # torch.backends.cpu.get_cpu_capability(): AVX512, AVX2, DEFAULT, ...
+    native_bf16: bool  # oneDNN has bf16 matrix instructions (AVX512_BF16, AMX, ...)
+    cores: int  # CPU cores this process may run on
+    cuda_devices: int
+    cuda_bf16: bool
+    imitated: tuple[str, ...] = ()  # imitation variables set (e.g. ONEDNN_MAX_CPU_ISA=AVX2)
+
+    @property
+    def vector_bytes(self) -> int:
+        """Width of the CPU's vector registers as ATen's kernels use them."""
+        return {"AVX512": 64, "AVX2": 32}.get(self.capability.upper(), 16)
+
+    def vector_lanes(self, element_size: int) -> int:
+        """Elements of ``element_size`` bytes per vector register (bf16 on AVX-512: 32)."""
+        return self.vector_bytes // element_size
+
+    @property
+    def cpu_class(self) -> str:
+        """The class benchmarks are reported by, e.g. ``AVX512, native bf16``."""
+        return f"{self.capability}, {'native' if self.native_bf16 else 'no native'} bf16"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def machine() -> Machine:
+    """This machine (measured once per process)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    native_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return Machine(
+        cpu_model=_cpu_model(),
+        arch=platform.machine(),
+        capability=str(torch.backends.cpu.get_cpu_capability()),
+        native_bf16=native_bf16,
+        cores=_cores(),
+        cuda_devices=torch.cuda.device_count() if cuda else 0,
+        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        imitated=tuple(f"{v}={os.environ[v]}" for v in IMITATION_VARIABLES if os.environ.get(v)),
+    )
+
+
+def describe(threads: int | None = None) -> str:
+    """One line naming the CPU class, for logs and benchmark table headers."""
+    import torch
+
+    m = machine()
+    threads = torch.get_num_threads() if threads is None else threads
+    text = (
+        f"{m.cpu_model} ({m.arch}), torch CPU capability {m.capability}, native bf16 "
+        f"{'yes' if m.native_bf16 else 'no'}, {m.cores} cores, {threads} threads"
+    )
+    if m.imitated:
+        text += f", imitating a lesser CPU ({' '.join(m.imitated)})"
+    if m.cuda_devices:
+        text += f", {m.cuda_devices} CUDA device(s) ({'bf16' if m.cuda_bf16 else 'no bf16'})"
+    return text
+
+
+# ---- precision --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A Lightning precision and why it was chosen (``warning``: a costly explicit choice)."""
+
+    requested: str
+    value: str
+    reason: str
+    warning: str | None = None
+
+    @property
+    def bf16(self) -> bool:
+        return self.value.startswith("bf16")
+
+
+def device_type(accelerator: str | None) -> str:
+    """``cuda``, ``mps`` or ``cpu`` for a Lightning ``accelerator`` value (``auto``: what this machine has)."""
+    import torch
+
+    acc = str(accelerator or "auto").lower()
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    if acc == "mps" or (acc == "auto" and torch.backends.mps.is_available()):
+        return "mps"
+    return "cpu"
+
+
+def resolve_precision(requested: Any, accelerator: str | None = "auto") -> PrecisionChoice:
+    """The Lightning precision for ``requested`` (``auto`` or any Lightning value) on ``accelerator``."""
+    req = str(requested)
+    if req not in PRECISIONS:
+        raise ValueError(f"precision={requested!r} is not one of {', '.join(PRECISIONS)}")
+    m, device = machine(), device_type(accelerator)
+    if req != "auto":
+        warning = None
+        if device == "cpu" and req.startswith("bf16") and not m.native_bf16:
+            warning = (
+                f"precision={req} on a CPU without native bf16 matrix instructions ({m.capability}): {bf16_cost()}; "
+                "precision=auto picks 32-true here"
+            )
+        return PrecisionChoice(req, req, "as requested", warning)
+    if device == "cuda":
+        if m.cuda_bf16:
+            return PrecisionChoice(req, "bf16-mixed", "CUDA device with bf16")
+        return PrecisionChoice(req, "16-mixed", "CUDA device without bf16: fp16 with a GradScaler")
+    if device == "mps":
+        return PrecisionChoice(req, "32-true", "Apple GPU: mixed precision not measured here")
+    if m.native_bf16:
+        return PrecisionChoice(req, "bf16-mixed", f"CPU with native bf16 matrix instructions ({m.capability})")
+    return PrecisionChoice(req, "32-true", f"CPU without native bf16 matrix instructions ({m.capability})")
+
+
+@functools.cache
+def bf16_cost() -> str:
+    """How much slower bf16 matrix products are than float32 on this CPU, measured (~30 ms)."""
+    import torch
+
+    a = torch.randn(256, 256)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        rates[dtype] = 2 * 256**3 / _best_seconds(lambda x=x: x @ x, 3) / 1e9
+    ratio = rates[torch.float32] / rates[torch.bfloat16]
+    return (
+        f"256x256 bf16 products measured {rates[torch.bfloat16]:.1f} GFLOP/s against {rates[torch.float32]:.0f} in "
+        f"float32 ({ratio:.0f}x slower)"
+    )
+
+
+def _best_seconds(fn: Any, repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ---- CPU kernels ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastPaths:
+    """Which hand-written CPU kernels run, with the measurements behind them."""
+
+    onednn_linear: bool
+    cpu_attention: bool
+    vector_bytes: int
+    reasons: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def lanes(self, element_size: int) -> int:
+        """Elements per vector register: rows shorter than this take scalar loops in ATen's half-precision
+        kernels, which the attention kernel avoids."""
+        return self.vector_bytes // element_size
+
+
+_FAST: FastPaths | None = None
+_REFERENCE = 0  # nesting depth of reference_kernels()
+
+
+def fast_paths() -> FastPaths:
+    """The CPU kernels to use in this process (decided on first call; the CLIs log the reasons)."""
+    global _FAST
+    if _FAST is None:
+        _FAST = _decide_fast_paths()
+        for key, reason in _FAST.reasons.items():
+            log.debug("%s: %s", key, reason)
+    return _FAST
+
+
+def kernels_enabled() -> bool:
+    """False inside :func:`reference_kernels`."""
+    return _REFERENCE == 0
+
+
+@contextlib.contextmanager
+def overridden(**changes: bool) -> Iterator[FastPaths]:
+    """The fast paths with ``changes`` (e.g. ``onednn_linear=False``) inside the block: A/B comparisons in
+    benchmarks and tests of each path on any machine."""
+    global _FAST
+    before = fast_paths()
+    _FAST = replace(before, **changes)
+    try:
+        yield _FAST
+    finally:
+        _FAST = before
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Plain PyTorch ops only inside the block: no hand-written CPU attention, no oneDNN linears (exports such as
+    ONNX, whose tracers cannot translate our custom ops, and reference checks)."""
+    global _REFERENCE
+    _REFERENCE += 1
+    try:
+        yield
+    finally:
+        _REFERENCE -= 1
+
+
+def _switch(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: use 1 (on) or 0 (off), or unset it to let simmim measure")
+    return value == "1"
+
+
+def _decide_fast_paths() -> FastPaths:
+    import torch
+
+    m = machine()
+    reasons: dict[str, str] = {}
+    forced = _switch("SIMMIM_ONEDNN_LINEAR")
+    if not torch.backends.mkldnn.is_available():
+        onednn = False
+        reasons["oneDNN float32 linears"] = "off (this torch build has no oneDNN)"
+    elif forced is not None:
+        onednn = forced
+        reasons["oneDNN float32 linears"] = f"{'on' if forced else 'off'} (SIMMIM_ONEDNN_LINEAR={int(forced)})"
+    else:
+        speedup, cached = _linear_calibration()
+        onednn = speedup >= ONEDNN_MIN_SPEEDUP
+        reasons["oneDNN float32 linears"] = (
+            f"{'on' if onednn else 'off'} (measured {speedup:.2f}x F.linear at {torch.get_num_threads()} threads; "
+            f"on from {ONEDNN_MIN_SPEEDUP}x{', cached' if cached else ''})"
+        )
+    attention = _switch("SIMMIM_CPU_ATTENTION") is not False
+    reasons["CPU attention kernel"] = (
+        f"on, {m.vector_bytes * 8}-bit vectors ({m.capability})" if attention else "off (SIMMIM_CPU_ATTENTION=0)"
+    )
+    return FastPaths(onednn, attention, m.vector_bytes, reasons)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIMMIM_CACHE_DIR") or Path.home() / ".cache" / "simmim")
+
+
+def _fingerprint(threads: int) -> str:
+    import torch
+
+    m = machine()
+    key = ["linear-v2", m.cpu_model, m.capability, str(m.native_bf16), torch.__version__, str(threads), *m.imitated]
+    return hashlib.sha1("|".join(key).encode()).hexdigest()[:16]
+
+
+def _linear_calibration() -> tuple[float, bool]:
+    """(oneDNN's speed over F.linear for a float32 linear of SwinV2's shape, read from the cache?)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    path = cache_dir() / "calibration.json"
+    key = _fingerprint(threads)
+    try:
+        cached = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, Mapping) and isinstance(cached.get("onednn_linear_speedup"), float):
+        return cached["onednn_linear_speedup"], True
+    speedup = _measure_linear_speedup()
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = {"onednn_linear_speedup": speedup, "machine": describe(threads)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # an unwritable cache only costs the next process its own measurement
+    return speedup, False
+
+
+def _measure_linear_speedup() -> float:
+    """Best-of-3 time of a float32 linear's forward and backward (three products) through ``F.linear`` over the same
+    through our oneDNN kernel, for x [256, 384] @ w [1536, 384]^T + b (a SwinV2-T MLP layer; ~0.9 GFLOP, a few ms each
+    on a small CPU), interleaved so background load hits both alike."""
+    import torch
+    import torch.nn.functional as F
+
+    from simmim.models.ops import onednn_linear
+
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(256, 1536, generator=g)
+    kernels = {"aten": F.linear, "onednn": onednn_linear}
+    best = {k: math.inf for k in kernels}
+    # decided wherever the first linear runs: also inside no_grad, inference_mode or autocast
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((256, 384), (1536, 384), (1536,)))
+        for warm in (True, False, False, False):
+            for k, fn in kernels.items():
+                t = time.perf_counter()
+                fn(x, w, b).backward(grad)
+                if not warm:
+                    best[k] = min(best[k], time.perf_counter() - t)
+    return round(best["aten"] / best["onednn"], 3)
+
+
+# ---- threads ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThreadPlan:
+    threads: int
+    reason: str
+
+
+def plan_threads(requested: Any, workers: int, gflop_per_image: float | None = None) -> ThreadPlan:
+    """torch's CPU threads for a training process: ``requested`` (a number, or ``auto``/None).
+
+    ``auto``: all of this process's cores, except for loader-bound models (a training step under
+    ``LOADER_BOUND_GFLOP`` per image, e.g. the nano model at 32 px), whose matrix products are too small to share out
+    and which run fastest leaving one core to each loader worker."""
+    cores = machine().cores
+    if requested not in (None, "auto"):
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads={requested!r}: give a number of CPU threads >= 1, or auto")
+        return ThreadPlan(requested, "as requested")
+    if workers and gflop_per_image is not None and gflop_per_image < LOADER_BOUND_GFLOP:
+        n = max(1, cores - workers)
+        return ThreadPlan(
+            n, f"{cores} cores, {workers} loader worker(s), {gflop_per_image:.2f} GFLOP/image: loader-bound model"
+        )
+    return ThreadPlan(cores, f"{cores} cores")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` inside the block (restored after, so in-process runs leave the caller's)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---- process set-up -----------------------------------------------------------------------------------------------
+def prepare_process() -> None:
+    """For entry points, before torch is imported: passive OpenMP waiting (unless set).
+
+    GNU OpenMP busy-waits at every barrier by default; when a DataLoader worker or another process shares the cores, a
+    descheduled thread holds all others up at each of a step's thousands of parallel regions: CPU training steps ran
+    20-50x slower (benchmarks/RESULTS.md). libgomp reads the policy once, when torch loads it."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """Show simmim's log (these decisions among it) on stderr, from the first process of a multi-process run only."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    logger = logging.getLogger("simmim")
+    if not any(getattr(h, "_simmim", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._simmim = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level if getattr(rank_zero_only, "rank", 0) == 0 else logging.WARNING)
+
+
+def summary(**decisions: Any) -> dict[str, Any]:
+    """The machine and the decisions of a run, for the run folder (``recipe.yaml``'s ``resolved`` section)."""
+    out: dict[str, Any] = {"machine": describe()}
+    for key, value in decisions.items():
+        out[key] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    if _FAST is not None:
+        out["fast_paths"] = dict(_FAST.reasons)
+    return out
