@@ -463,8 +463,10 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
     out["checkpoint"] = ckpt_dir / "last.ckpt"
     model = trained_model(trainer, module)
     if model is not None:
-        recipe = OmegaConf.to_container(cfg, resolve=True)
-        provenance = {"recipe": recipe, "steps": out["steps"], "final_loss": out["loss"]}
+        from simmim.visualize import input_normalisation
+
+        recipe, (mean, std) = OmegaConf.to_container(cfg, resolve=True), input_normalisation(datamodule)
+        provenance = {"recipe": recipe, "steps": out["steps"], "final_loss": out["loss"], "mean": mean, "std": std}
         out["encoder"] = export_encoder(model, module.hparams.model_config, run_dir / "encoder.safetensors", provenance)
         if cfg.reconstructions > 0:
             title = f"{module.hparams.model_config['model']} step {module.global_step}"

@@ -99,7 +99,6 @@ def timm_config(src: Source) -> dict[str, Any]:
         "input_size": [c["in_chans"], c["img_size"], c["img_size"]],
         "fixed_input_size": True,
         "interpolation": "bicubic",
-        "crop_pct": round(src.crop_pct, 4),
         "crop_mode": "center",
         "mean": list(src.mean),
         "std": list(src.std),
@@ -107,6 +106,8 @@ def timm_config(src: Source) -> dict[str, Any]:
         "first_conv": "patch_embed.proj",
         "classifier": "head.fc",
     }
+    if src.crop_pct is not None:
+        pretrained_cfg["crop_pct"] = round(src.crop_pct, 4)
     if src.class_names and src.kind == "classifier":
         pretrained_cfg["label_names"] = list(src.class_names)
     return {

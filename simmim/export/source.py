@@ -29,7 +29,7 @@ class Source:
     class_names: list[str] | None = None
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
-    crop_pct: float = 0.875
+    crop_pct: float | None = None  # the evaluation's centre crop (fine-tuned models)
     recipe: dict[str, Any] | None = None
     steps: int | None = None
     final_loss: float | None = None
@@ -67,9 +67,6 @@ def read_source(source: str | Path, trust_checkpoint: bool = False) -> Source:
     """Read ``source`` (see the module docstring) and gather what the model card says about it."""
     from omegaconf import OmegaConf
 
-    from simmim.data import IMAGENET_MEAN, IMAGENET_STD
-    from simmim.data.transforms import EVAL_RESIZE_RATIO
-
     path = Path(source)
     weights = read_pretrained(path, trust_checkpoint)
     recorded = weights.config or geometry_of(weights.state_dict)
@@ -100,12 +97,15 @@ def read_source(source: str | Path, trust_checkpoint: bool = False) -> Source:
             src.top1 = (float(top1), str(metrics.get("test_split", "test")))
         if src.steps is None and metrics.get("steps") is not None:
             src.steps = int(metrics["steps"])
-    data = dict(weights.meta.get("datamodule_hyper_parameters") or {})
-    recipe_data = (src.recipe or {}).get("data") or {}
-    src.mean = tuple(data.get("mean") or recipe_data.get("mean") or IMAGENET_MEAN)
-    src.std = tuple(data.get("std") or recipe_data.get("std") or IMAGENET_STD)
-    ratio = data.get("eval_resize_ratio") or recipe_data.get("eval_resize_ratio") or EVAL_RESIZE_RATIO
-    src.crop_pct = 1.0 / float(ratio)
+    data = {**((src.recipe or {}).get("data") or {}), **provenance}
+    data.update(weights.meta.get("datamodule_hyper_parameters") or {})
+    if data.get("mean") is None or data.get("std") is None:
+        from simmim.data import IMAGENET_MEAN, IMAGENET_STD  # the data modules' default (an import of Lightning)
+
+        data.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    src.mean, src.std = tuple(data["mean"]), tuple(data["std"])
+    if data.get("eval_resize_ratio"):  # fine-tuning's evaluation crop
+        src.crop_pct = 1.0 / float(data["eval_resize_ratio"])
     if src.kind == "classifier" and not src.class_names:
         src.class_names = [f"class_{i}" for i in range(src.num_classes)]
         src.notes.append("the source records no class names: labels are class_0 ... class_N")

@@ -73,6 +73,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = temporary_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() makes files (some writers, e.g. safetensors', make them 0600)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -82,6 +83,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
