@@ -435,6 +435,7 @@ def _resume_cli(image_folder, run_dir, *extra):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, expected",
     [

@@ -56,6 +56,15 @@ def export(
         from simmim.export import formats
 
         write = {"hf": formats.write_hf, "timm": formats.write_timm, "official": formats.write_official}[to]
-    files, usage, notes = write(src, out)
-    save_text(model_card(src, to, [*files, "README.md"], usage, notes), out / "README.md")
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        files, usage, notes = write(src, out)
+        save_text(model_card(src, to, [*files, "README.md"], usage, notes), out / "README.md")
+    except BaseException:  # leave no half export: what this call wrote goes, a folder it made too
+        written = set(out.iterdir()) - (before or set()) if out.is_dir() else set()
+        for path in written:
+            path.unlink()
+        if before is None and out.is_dir():
+            out.rmdir()
+        raise
     return out

@@ -56,11 +56,11 @@ def write_hf(src: Source, out: Path) -> tuple[list[str], str, list[str]]:
         names = src.class_names or []
         config["id2label"] = {str(i): n for i, n in enumerate(names)}
         config["label2id"] = {n: i for i, n in enumerate(names)}
-    size = src.config["img_size"]
+    height, width = src.size
     processor = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
-        "size": {"height": size, "width": size},
+        "size": {"height": height, "width": width},
         "resample": 3,  # bicubic
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -80,7 +80,8 @@ def write_hf(src: Source, out: Path) -> tuple[list[str], str, list[str]]:
         "transformers adds the shifted-window mask twice (-200 where the official code and simmim use -100): outputs "
         "agree with simmim's while the attention temperatures stay moderate, and can "
         "differ for heads whose logit scale nears its clamp (100)",
-        f"the preprocessor resizes to {size} px without a centre crop (simmim's evaluation resizes, then crops)",
+        f"the preprocessor resizes to {height}x{width} px without a centre crop (simmim's evaluation resizes, then "
+        "crops)",
     ]
     if src.kind == "simmim" and (src.recipe or {}).get("model", {}).get("norm_target"):
         notes.append("trained with NORM_TARGET: the reconstruction is in locally normalised pixels, while "
@@ -96,7 +97,7 @@ def timm_config(src: Source) -> dict[str, Any]:
     model_args = {k: c[k] for k in keys} | {"num_classes": src.num_classes}
     pretrained_cfg = {
         "tag": "simmim",
-        "input_size": [c["in_chans"], c["img_size"], c["img_size"]],
+        "input_size": [c["in_chans"], *src.size],
         "fixed_input_size": True,
         "interpolation": "bicubic",
         "crop_mode": "center",

@@ -73,9 +73,9 @@ def write_onnx(src: Source, out: Path) -> tuple[list[str], str, list[str]]:
     model = model_from_weights(src.weights).float()
     names = ["logits"] if src.kind == "classifier" else ["features", "pooled"]
     module = model if src.kind == "classifier" else _Features(model)
-    c, size = src.config["in_chans"], src.config["img_size"]
+    c, (h, w) = src.config["in_chans"], src.size
     g = torch.Generator().manual_seed(0)
-    example = torch.randn(2, c, size, size, generator=g)
+    example = torch.randn(2, c, h, w, generator=g)
     try:
         with runtime.reference_kernels(), torch.no_grad():
             program = torch.onnx.export(
@@ -87,12 +87,12 @@ def write_onnx(src: Source, out: Path) -> tuple[list[str], str, list[str]]:
         raise ExportError(f"--to onnx needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript") from e
     data = program.model_proto.SerializeToString()
     atomic_write(out / "model.onnx", lambda tmp: Path(tmp).write_bytes(data))
-    checked = _check(data, module.eval(), torch.randn(3, c, size, size, generator=g), names)  # our fast kernels
+    checked = _check(data, module.eval(), torch.randn(3, c, h, w, generator=g), names)  # our fast kernels
     outputs = ", ".join(names)
     usage = (
         "import numpy as np, onnxruntime as ort\n\n"
         f'session = ort.InferenceSession("{out / "model.onnx"}", providers=["CPUExecutionProvider"])\n'
-        f"images = np.zeros((4, {c}, {size}, {size}), np.float32)  # normalised as in the table above\n"
+        f"images = np.zeros((4, {c}, {h}, {w}), np.float32)  # normalised as in the table above\n"
         f'{outputs}{"," if len(names) == 1 else ""} = session.run(None, {{"pixel_values": images}})'
     )
     notes = [

@@ -42,6 +42,12 @@ class Source:
         return self.weights.kind
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the input images."""
+        size = self.config["img_size"]
+        return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+    @property
     def num_classes(self) -> int:
         head = self.weights.state_dict.get("head.weight")
         return int(head.shape[0]) if head is not None else 0
