@@ -6,14 +6,17 @@
 
 Without ``--source`` the source is a real pretraining run of one step (``python -m simmim.pretrain``, fp32, on
 a few generated images), so the exports read a genuine Lightning checkpoint: weights, mask token, pixel decoder and
-AdamW state. Each format is exported once from its own process; the table gives the process's wall clock and the
-export's own time (what the command prints, without Python start-up and imports).
+AdamW state. Each format is exported once from its own process; the table gives the process's wall clock, its CPU
+time (user + system over its threads: what stays meaningful on a shared machine) and the export's own time (what the
+command prints, without Python start-up and imports).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -53,18 +56,21 @@ def make_run(folder: Path, model: str, img_size: int, window: int) -> Path:
     return run
 
 
-def time_export(source: Path, fmt: str, out: Path) -> tuple[float, float]:
-    """(process wall clock, the export's own seconds as printed) of one export."""
+def time_export(source: Path, fmt: str, out: Path) -> tuple[float, float, float]:
+    """(process wall clock, its CPU time (user + system, all threads), the export's own seconds as printed)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     res = subprocess.run(
         [sys.executable, "-m", "simmim.export", str(source), "--to", fmt, "--out", str(out)],
         capture_output=True, text=True,
     )  # fmt: skip
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if res.returncode != 0:
         raise SystemExit(f"--to {fmt} failed:\n{res.stderr[-3000:]}")
     own = re.search(r"in ([\d.]+) s$", res.stdout.strip())
-    return wall, float(own.group(1)) if own else float("nan")
+    return wall, cpu, float(own.group(1)) if own else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,11 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         what = f"{source}" if args.source else f"a one-step pretraining run of {args.model} ({args.img_size} px)"
         print(f"CPU: {runtime.describe()}")
         print(f"source: {what}\n")
-        print("| format | process wall clock (s) | export itself (s) |")
-        print("|---|---|---|")
+        print(f"load average before: {os.getloadavg()[0]:.1f}\n")
+        print("| format | process wall clock (s) | process CPU time (s) | export itself, wall (s) |")
+        print("|---|---|---|---|")
         for fmt in args.formats.split(","):
-            wall, own = time_export(source, fmt, folder / f"out_{fmt}")
-            print(f"| {fmt} | {wall:.1f} | {own:.1f} |")
+            wall, cpu, own = time_export(source, fmt, folder / f"out_{fmt}")
+            print(f"| {fmt} | {wall:.1f} | {cpu:.1f} | {own:.1f} |")
 
 
 if __name__ == "__main__":
