@@ -27,3 +27,13 @@ def test_attention_share_benchmark(capsys):
     attention_share.main(TINY)
     out = capsys.readouterr().out
     assert "| ours, matrix products only |" in out and "with an attention of matrix products only" in out, out
+
+
+@pytest.mark.slow
+def test_export_benchmark(capsys):
+    from benchmarks import export
+
+    export.main(["--model", "swinv2_nano", "--img-size", "32", "--window", "4", "--formats", "hf,official"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| hf |", "| official |"))]
+    assert len(rows) == 2 and out.startswith("CPU: "), out

@@ -10,7 +10,9 @@ from transformers import Swinv2Config, Swinv2Model
 from simmim.models.convert import (
     clean_official,
     detect_layout,
+    hf_config_to_official,
     hf_to_official,
+    official_config_to_hf,
     official_to_hf,
     official_to_timm,
     timm_to_official,
@@ -113,3 +115,47 @@ def test_detect_layout():
     assert detect_layout(no_head) == "timm"  # from the downsample placement alone
     assert detect_layout(official_to_hf(sd)) == "hf"
     assert detect_layout(official_to_hf(sd, prefix="")) == "hf"
+
+
+def test_hf_simmim_keys_are_swinv2_for_masked_image_modeling_keys():
+    """Encoder, mask token and pixel decoder -> exactly the keys of HF's SimMIM model, and back."""
+    from transformers import Swinv2ForMaskedImageModeling
+
+    from simmim.models.simmim import build_simmim
+
+    simmim = build_simmim("swinv2_nano", img_size=32)
+    sd = {**simmim.encoder.state_dict(), **{f"decoder.{k}": v for k, v in simmim.decoder.state_dict().items()}}
+    hf_sd = official_to_hf(sd)
+    cfg = Swinv2Config(**official_config_to_hf({**simmim_config(), "img_size": 32}))
+    assert cfg.encoder_stride == 32 == simmim.encoder_stride
+    hf = Swinv2ForMaskedImageModeling(cfg)
+    assert hf_sd.keys() == hf.state_dict().keys()
+    hf.load_state_dict(hf_sd)  # strict, shapes included
+    assert _same(hf_to_official(hf_sd), sd)
+
+
+def simmim_config() -> dict:
+    """swinv2_nano's complete constructor arguments, as an export records them."""
+    from simmim.io import full_config
+
+    return full_config({"model": "swinv2_nano"})
+
+
+def test_hf_config_round_trip_and_the_one_token_window():
+    """Our config -> Swinv2Config fields -> ours. A pretrained window of 1 (the 1x1 last stage of a small model)
+    becomes 2 for HF: we and timm divide Log-CPB coordinates by max(p - 1, 1), HF by p - 1 (0/0 = NaN)."""
+    from simmim.models.swinv2 import relative_coords_table
+
+    cfg = {**simmim_config(), "img_size": 32, "pretrained_window_sizes": [4, 4, 2, 1]}
+    hf = official_config_to_hf(cfg)
+    assert hf["pretrained_window_sizes"] == [4, 4, 2, 2] and hf["image_size"] == 32 and hf["num_channels"] == 3
+    back = hf_config_to_official(hf)
+    assert {k: v for k, v in back.items() if k != "pretrained_window_sizes"} == {
+        k: cfg[k] for k in back if k != "pretrained_window_sizes"
+    }
+    model = Swinv2Model(Swinv2Config(**hf))
+    last = model.encoder.layers[3].blocks[0].attention.self
+    assert torch.isfinite(last.relative_coords_table).all()
+    torch.testing.assert_close(last.relative_coords_table, relative_coords_table((1, 1), (1, 1)), rtol=0, atol=0)
+    first = model.encoder.layers[0].blocks[0].attention.self
+    torch.testing.assert_close(first.relative_coords_table, relative_coords_table((4, 4), (4, 4)), rtol=0, atol=0)

@@ -29,12 +29,12 @@ FLAGS = ("--help", "-h", "--dry-run", "--cfg", "--multirun", "-m", "--quiet", "-
 def save_recipe(cfg: DictConfig, path: str | Path, resolved: Mapping[str, Any] | None = None) -> Path:
     """The composed recipe as YAML (atomically); ``resolved``: what its ``auto`` values became on this machine, under
     ``resolved:`` (left out when the file is read back as a recipe, so a resume elsewhere resolves again)."""
-    from simmim.checkpoint import atomic_write_text
+    from simmim.io import save_text
 
     data = OmegaConf.to_container(cfg, resolve=True)
     if resolved:
         data["resolved"] = dict(resolved)
-    return atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(data)), path)
+    return save_text(OmegaConf.to_yaml(OmegaConf.create(data)), path)
 
 
 def world_size(cfg: DictConfig) -> int:

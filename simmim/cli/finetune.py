@@ -79,21 +79,15 @@ def _checkpoints(cfg: DictConfig, ckpt_dir: Path) -> list[pl.Callback]:
     return [best, last]
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    from simmim.checkpoint import atomic_write_text
-
-    atomic_write_text(json.dumps(obj, indent=2), path)
-
-
 def _run_knn(cfg: DictConfig, weights: Any, run_dir: Path, rt: RunRuntime) -> dict[str, Any]:
-    from simmim.checkpoint import load_pretrained
     from simmim.eval import extract_features, knn_accuracy
+    from simmim.io import load_pretrained, save_text
     from simmim.models import create_model
 
     config = encoder_config(cfg, weights.window_sizes)
     model = create_model(config.pop("model"), num_classes=0, **config)
     report = load_pretrained(model, weights)
-    (run_dir / "load_report.txt").write_text(str(report) + "\n")
+    save_text(str(report) + "\n", run_dir / "load_report.txt")
     pl.utilities.rank_zero_info(str(report))
     dm = build_datamodule(cfg)
     dm.batch_size = cfg.knn.batch_size
@@ -119,7 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
-    from simmim.checkpoint import load_pretrained, read_pretrained
+    from simmim.io import load_pretrained, read_pretrained, save_json, save_text
     from simmim.models import compile_model
 
     if cfg.mode == "knn" and not cfg.pretrained:
@@ -137,7 +131,7 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
         save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
         metrics = {**_run_knn(cfg, weights, run_dir, rt), "run_dir": str(run_dir)}
         metrics["seconds"] = time.perf_counter() - start
-        _write_json(metrics, run_dir / "metrics.json")
+        save_json(metrics, run_dir / "metrics.json")
         return metrics
     if cfg.mode == "linear_probe" and weights is None:
         pl.utilities.rank_zero_warn("linear probing random weights (no pretrained=PATH given)")
@@ -173,7 +167,7 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
     if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
         save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
         if load is not None:
-            (run_dir / "load_report.txt").write_text(str(load) + "\n")
+            save_text(str(load) + "\n", run_dir / "load_report.txt")
             pl.utilities.rank_zero_info(str(load))
     rt.log()
     trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
@@ -206,7 +200,7 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
     if trainer.is_global_zero:
         from simmim.visualize import save_confusion_matrix
 
-        _write_json({k: v for k, v in metrics.items() if k != "is_global_zero"}, run_dir / "metrics.json")
+        save_json({k: v for k, v in metrics.items() if k != "is_global_zero"}, run_dir / "metrics.json")
         figure = save_confusion_matrix(
             metrics["confusion_matrix"], module.class_names, run_dir / "confusion_matrix.png"
         )

@@ -26,7 +26,8 @@ from simmim.cli.command import (
 )
 from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
-from simmim.models.simmim import SimMIM, build_simmim
+from simmim.io import save_text
+from simmim.models.simmim import SimMIM
 from simmim.training.preemption import Preemption
 from simmim.training.pretrain import RUNTIME_ONLY, SimMIMPretrainModule
 from simmim.training.strategy import full_state_dict, sharding_strategy
@@ -41,7 +42,7 @@ def encoder_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_module(cfg: DictConfig) -> SimMIMPretrainModule:
-    from simmim.checkpoint import CheckpointError
+    from simmim.io import CheckpointError
 
     m = cfg.model
     try:
@@ -130,10 +131,10 @@ def _probes(cfg: DictConfig, datamodule: Any, run_dir: Path, rt: RunRuntime) -> 
 def export_encoder(model: SimMIM, config: dict[str, Any], path: str | Path, provenance: dict[str, Any]) -> Path:
     """``encoder.safetensors``: official keys without ``encoder.``, mask_token dropped, the config (and where the
     weights come from) in its metadata."""
-    from simmim.checkpoint import save_encoder
+    from simmim.io import save_encoder
 
     sd = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
-    return save_encoder(sd, path, config)
+    return save_encoder(sd, path, config, provenance)
 
 
 def save_reconstructions(model: SimMIM, datamodule: Any, path: str | Path, n: int = 8, title: str = "") -> Path:
@@ -154,13 +155,9 @@ def trained_model(trainer: pl.Trainer, module: SimMIMPretrainModule) -> SimMIM |
     state = full_state_dict(trainer, module)
     if not trainer.is_global_zero:
         return None
-    hp = module.hparams
-    config = dict(hp.model_config)
-    model = build_simmim(
-        config.pop("model"), norm_target=hp.norm_target, norm_target_patch_size=hp.norm_target_patch_size, **config
-    )
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model
+    from simmim.io import read_pretrained, simmim_from_weights
+
+    return simmim_from_weights(read_pretrained({"state_dict": state, "hyper_parameters": dict(module.hparams)}))
 
 
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
@@ -206,7 +203,7 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
     if trainer.is_global_zero:
         save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
         if module.load_report is not None:
-            (run_dir / "load_report.txt").write_text(str(module.load_report) + "\n")
+            save_text(str(module.load_report) + "\n", run_dir / "load_report.txt")
             pl.utilities.rank_zero_info(str(module.load_report))
     rt.log()
     start = time.perf_counter()
@@ -231,7 +228,10 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
         out["checkpoint"] = ckpt_dir / "last.ckpt"
     model = trained_model(trainer, module)
     if model is not None:
-        provenance = {"recipe": str(cfg.recipe), "steps": out["steps"], "final_loss": out["loss"]}
+        from simmim.visualize import input_normalisation
+
+        recipe, (mean, std) = OmegaConf.to_container(cfg, resolve=True), input_normalisation(datamodule)
+        provenance = {"recipe": recipe, "steps": out["steps"], "final_loss": out["loss"], "mean": mean, "std": std}
         out["encoder"] = export_encoder(model, module.hparams.model_config, run_dir / "encoder.safetensors", provenance)
         if cfg.reconstructions > 0:
             title = f"{module.hparams.model_config['model']} step {module.global_step}"

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from simmim import runtime
 from simmim.errors import RecipeError
@@ -90,10 +90,16 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Before a run writes to ``run_dir``: the checkpoint ``cfg.resume`` names (None: a new run). A new run is refused
     where ``checkpoints/`` holds an earlier run's (it would overwrite them); temporaries of writes killed mid-way are
     removed."""
-    from simmim.checkpoint import remove_stale_temporaries
+    from simmim.io import CheckpointError, check_resume, remove_stale_temporaries
 
     ckpt_dir = run_dir / "checkpoints"
     resume = _resolve_resume(cfg, ckpt_dir)
+    if resume is not None:
+        try:  # before Lightning unpickles it (a text file: "KeyError: 101"; another model: pages of size mismatches)
+            kind = "finetune" if "mode" in cfg else "pretrain"
+            check_resume(resume, OmegaConf.to_container(cfg.model, resolve=True), kind)
+        except CheckpointError as e:
+            raise RecipeError(f"resume={cfg.resume}: {e}") from None
     earlier = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if resume is None and earlier:
         listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
@@ -152,8 +158,8 @@ def run_runtime(cfg: DictConfig, model_config: Mapping[str, Any]) -> Iterator[Ru
 def cli_main(body: Callable[[], int]) -> int:
     """Run a command line's ``body``: refusals and data problems as one ``error:`` line (exit 2), a non-finite loss
     as one line (exit 3), never a traceback for a user's mistake."""
-    from simmim.checkpoint import CheckpointError
     from simmim.data import DataError
+    from simmim.io import CheckpointError
     from simmim.training.callbacks import NonFiniteError
 
     try:

@@ -18,6 +18,8 @@ __all__ = [
     "official_to_hf",
     "hf_to_official",
     "detect_layout",
+    "official_config_to_hf",
+    "hf_config_to_official",
 ]
 
 # Buffers the official code saves but that follow from geometry; dropped on load, rebuilt by the model.
@@ -104,6 +106,9 @@ def official_to_hf(sd: StateDict, prefix: str = "swinv2.") -> dict[str, torch.Te
         if k == "mask_token":  # ours [1, 1, C]; HF's [1, 1, C] too
             out[prefix + _HF_TOP[k]] = v
             continue
+        if k.startswith("decoder."):  # SimMIM's pixel head: Swinv2ForMaskedImageModeling's, same names, no prefix
+            out[k] = v
+            continue
         m = _BLOCK_RE.match(k)
         if m:
             stage, blk, rest = m.groups()
@@ -179,3 +184,38 @@ def detect_layout(sd: StateDict) -> str:
     ):
         return "timm"
     return "official"
+
+
+# Model configs: our constructor's arguments <-> HF Swinv2Config fields (timm's model_args use our names).
+_HF_CONFIG = {
+    "img_size": "image_size",
+    "patch_size": "patch_size",
+    "in_chans": "num_channels",
+    "embed_dim": "embed_dim",
+    "depths": "depths",
+    "num_heads": "num_heads",
+    "window_size": "window_size",
+    "pretrained_window_sizes": "pretrained_window_sizes",
+    "mlp_ratio": "mlp_ratio",
+    "qkv_bias": "qkv_bias",
+    "drop_path_rate": "drop_path_rate",
+    "ape": "use_absolute_embeddings",
+}
+
+
+def official_config_to_hf(cfg: Mapping[str, object]) -> dict[str, object]:
+    """Constructor arguments (``embed_dim``, ``depths``, ...; complete ones) -> ``Swinv2Config`` fields, with the
+    SimMIM head's ``encoder_stride`` (patch size x 2^(stages - 1), as our and the official SimMIM compute it)."""
+    out = {hf: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k, hf in _HF_CONFIG.items() if k in cfg}
+    if "pretrained_window_sizes" in out:
+        # Log-CPB divides coordinates by max(p - 1, 1) here and in timm, by p - 1 in HF (0/0 for p = 1, e.g. the
+        # 1x1 last stage of a small model): p = 2 gives HF the same table
+        out["pretrained_window_sizes"] = [2 if p == 1 else p for p in out["pretrained_window_sizes"]]  # type: ignore
+    if "patch_size" in cfg and "depths" in cfg:
+        out["encoder_stride"] = int(cfg["patch_size"]) * 2 ** (len(cfg["depths"]) - 1)  # type: ignore[arg-type]
+    return out
+
+
+def hf_config_to_official(cfg: Mapping[str, object]) -> dict[str, object]:
+    """``Swinv2Config`` fields (a config.json) -> our constructor's arguments (inverse of the above)."""
+    return {k: cfg[hf] for k, hf in _HF_CONFIG.items() if hf in cfg}

@@ -77,8 +77,8 @@ class ClassificationModule(TrainingModule):
         self.test_results: dict[str, Any] = {}
 
     def load_pretrained(self, path: str | Path, trust_checkpoint: bool = False) -> Any:
-        """Load encoder weights of any layout (see :func:`simmim.checkpoint.load_pretrained`)."""
-        from simmim.checkpoint import load_pretrained
+        """Load encoder weights of any layout (see :func:`simmim.io.load_pretrained`)."""
+        from simmim.io import load_pretrained
 
         return load_pretrained(self.model, path, trust_checkpoint=trust_checkpoint)
 

@@ -32,7 +32,8 @@ class SimMIMPretrainModule(TrainingModule):
             betas, eps, official_wd_exemption_bug, zero); schedule: its ``schedule`` section.
         batch_size: images per device and step, for the lr scaling; None reads the datamodule's.
         memory: runtime-only encoder options (``use_checkpoint``, ``attn_chunk_size``), not saved with the weights.
-        init_from: weights to start from (any layout :func:`simmim.checkpoint.load_pretrained` reads).
+        init_from: weights to start from (any layout :func:`simmim.io.load_pretrained` reads), the pixel decoder and
+            mask token included when the checkpoint has them.
     """
 
     def __init__(
@@ -66,10 +67,10 @@ class SimMIMPretrainModule(TrainingModule):
             **kwargs, **dict(memory or {}),
         )  # fmt: skip
         self.load_report = None
-        if init_from:
-            from simmim.checkpoint import load_pretrained
+        if init_from:  # a SimMIM checkpoint's pixel decoder and mask token are taken too
+            from simmim.io import load_pretrained
 
-            self.load_report = load_pretrained(self.model.encoder, init_from)
+            self.load_report = load_pretrained(self.model, init_from)
         self._param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}  # before FSDP flattens them
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.plugins import TorchCheckpointIO
 
-from simmim.checkpoint import atomic_torch_save
 from simmim.errors import RecipeError
+from simmim.io import save_torch
 from simmim.training.callbacks import NonFiniteGuard, RunProgressBar
 from simmim.training.strategy import build_strategy
 
@@ -37,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        atomic_torch_save(checkpoint, path)
+        save_torch(checkpoint, path)
 
 
 def make_loggers(names: Sequence[str], run_dir: Path, experiment: str) -> list[Any]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import warnings
-import zipfile
 from collections.abc import Sequence
-from pathlib import Path, PosixPath, WindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,61 +51,26 @@ def sample_images(datamodule: Any, n: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def load_simmim(path: str | Path) -> tuple[SimMIM, dict[str, Any]]:
-    """A SimMIM model (eval mode, CPU) from a pretraining Lightning checkpoint, or from any torch file holding
-    ``{"state_dict": SimMIM state dict, "model_config": {"model": name, ...}}``; also returns the data settings
-    stored with it (``img_size``, ``mask_patch_size``, ``mask_ratio``, ``mean``, ``std``, and ``datamodule``: all
-    the datamodule's hyper-parameters, to rebuild it) when it has them."""
-    from simmim.models.simmim import build_simmim
+    """A SimMIM model (eval mode, CPU) from any checkpoint :func:`simmim.io.read_pretrained` reads that holds one
+    whole (a pretraining Lightning checkpoint, ``{"state_dict": SimMIM state dict, "model_config": {"model": name,
+    ...}}``, an official or HF SimMIM export); also returns the data settings stored with it (``img_size``,
+    ``mask_patch_size``, ``mask_ratio``, ``mean``, ``std``, and ``datamodule``: all the datamodule's
+    hyper-parameters, to rebuild it) when it has them."""
+    from simmim.io import CheckpointError, read_pretrained, simmim_from_weights
 
-    path = Path(path)
-    if not path.is_file():
-        raise VisualizeError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        raise VisualizeError(
-            f"{path} is an exported encoder: it has no pixel decoder, so it cannot reconstruct. "
-            "Pass the pretraining checkpoint instead (runs/<recipe>/<name>/checkpoints/last.ckpt)"
-        )
-    if not zipfile.is_zipfile(path):
-        raise VisualizeError(f"{path} is not a PyTorch checkpoint (torch.save / Lightning .ckpt file)")
     try:
-        # safe loading; paths are allowed since a datamodule's hyper-parameters may hold its root as a Path
-        with torch.serialization.safe_globals([PosixPath, WindowsPath]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure means the file is not a checkpoint we can read
-        raise VisualizeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    obj = obj if isinstance(obj, dict) else {}
-    hp = obj.get("hyper_parameters", obj)
-    cfg, sd = hp.get("model_config"), obj.get("state_dict")
-    if not isinstance(cfg, dict) or "model" not in cfg or not isinstance(sd, dict):
-        raise VisualizeError(
-            f"{path} is not a SimMIM checkpoint: expected a pretraining .ckpt (python -m simmim.pretrain) or a "
-            "file with 'state_dict' and 'model_config' (with its 'model' name)"
-        )
-    cfg = dict(cfg)
-    name = cfg.pop("model")
-    norm_target = hp.get("norm_target", cfg.pop("norm_target", False))
-    nt_patch = hp.get("norm_target_patch_size", cfg.pop("norm_target_patch_size", 47))
-    try:
-        model = build_simmim(name, norm_target=norm_target, norm_target_patch_size=nt_patch, **cfg)
-    except (TypeError, ValueError) as e:
-        raise VisualizeError(f"{path}: cannot build the model from its model_config {cfg}: {e}") from e
-    sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        what = "; ".join(
-            f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected))
-            if keys
-        )
-        raise VisualizeError(f"{path}: its weights do not fit a SimMIM {name}: {what}")
-    data = dict(obj.get("datamodule_hyper_parameters") or {})
+        weights = read_pretrained(path)
+        model = simmim_from_weights(weights)
+    except CheckpointError as e:
+        raise VisualizeError(str(e)) from None
+    data = dict(weights.meta.get("datamodule_hyper_parameters") or {})
     info: dict[str, Any] = {
         k: data[k] for k in ("img_size", "mask_patch_size", "mask_ratio", "mean", "std") if k in data
     }
-    info.setdefault("img_size", cfg.get("img_size"))
+    info.setdefault("img_size", weights.config.get("img_size"))
     if data:
         info["datamodule"] = data
-    return model.eval(), info
+    return model, info
 
 
 def load_images(

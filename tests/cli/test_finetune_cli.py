@@ -16,9 +16,9 @@ import torch
 from conftest import kill_once_written
 from PIL import Image
 
-from simmim.checkpoint import load_pretrained, save_encoder
 from simmim.cli.finetune import run
 from simmim.cli.recipes import load_recipe
+from simmim.io import load_pretrained, save_encoder
 from simmim.models import create_model
 from simmim.models.simmim import build_simmim
 

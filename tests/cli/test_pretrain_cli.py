@@ -11,10 +11,10 @@ import pytorch_lightning as pl
 import torch
 from conftest import fit_tiny_pretraining, kill_once_written, pretrain_args
 
-from simmim.checkpoint import load_encoder
 from simmim.cli.pretrain import run
 from simmim.cli.recipes import load_recipe
 from simmim.errors import RecipeError
+from simmim.io import load_encoder
 from simmim.models import create_model
 from simmim.training.callbacks import NonFiniteError
 from simmim.training.trainer import AtomicCheckpointIO

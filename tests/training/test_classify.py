@@ -12,9 +12,9 @@ import torch
 from conftest import quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
-from simmim.checkpoint import save_encoder
 from simmim.cli.finetune import encoder_config
 from simmim.cli.recipes import load_recipe
+from simmim.io import save_encoder
 from simmim.models.simmim import build_simmim
 from simmim.training.classify import FinetuneModule, LinearProbeModule
 

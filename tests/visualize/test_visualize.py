@@ -246,7 +246,7 @@ def test_cli_errors_are_one_line(fitted, image_folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
         ([str(tmp_path / "missing.ckpt"), str(image_folder)], "missing.ckpt does not exist"),
-        ([str(bad), str(image_folder)], "broken.png is not a PyTorch checkpoint"),
+        ([str(bad), str(image_folder)], "broken.png is not a checkpoint (it looks like a text file)"),
         ([str(root / "last.ckpt"), str(bad)], "cannot read image"),
         ([str(root / "last.ckpt"), str(tmp_path / "empty")], "holds no image files"),
         ([str(root / "last.ckpt"), str(image_folder), "--mask-patch-size", "12"], "not divisible"),

@@ -1,4 +1,5 @@
-"""load_pretrained: every supported layout gives the source model's outputs; bad files give clear errors."""
+"""simmim.io: load_pretrained from every supported layout gives the source model's outputs; bad files give clear
+errors; the one atomic writer and its stale-temporary clean-up; the resume pre-flight check; encoder provenance."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import types
 
 import pytest
 import torch
+from conftest import pretrain_args
 
-from simmim.checkpoint import (
+from simmim.io import (
     CheckpointError,
-    atomic_torch_save,
     load_pretrained,
     read_pretrained,
     remove_stale_temporaries,
     save_encoder,
+    save_torch,
 )
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import SwinTransformerV2
@@ -78,7 +80,7 @@ def test_official_simmim_checkpoint(tmp_path, fake_yacs):
     sd = {k.replace(".cpb_mlp.", ".rpe_mlp."): v for k, v in simmim.state_dict().items()}  # released naming
     sd.update(official_buffers(simmim.encoder, "encoder."))
     cfg = fake_yacs({"MODEL": fake_yacs({"TYPE": "swinv2"})})
-    path = atomic_torch_save({"model": sd, "config": cfg, "epoch": 799, "max_accuracy": 0.0}, tmp_path / "ckpt.pth")
+    path = save_torch({"model": sd, "config": cfg, "epoch": 799, "max_accuracy": 0.0}, tmp_path / "ckpt.pth")
     sys.modules.pop("yacs.config")  # the reader must not need yacs
 
     model = ours(num_classes=10)
@@ -97,7 +99,7 @@ def test_official_simmim_checkpoint(tmp_path, fake_yacs):
 
 def test_official_classification_checkpoint(tmp_path):
     src = randomise(ours(num_classes=5))
-    path = atomic_torch_save({"model": {**src.state_dict(), **official_buffers(src)}}, tmp_path / "cls.pth")
+    path = save_torch({"model": {**src.state_dict(), **official_buffers(src)}}, tmp_path / "cls.pth")
     same = ours(num_classes=5)
     report = load_pretrained(same, path)
     assert report.missing == [] and report.dropped == []
@@ -164,7 +166,7 @@ def test_encoder_safetensors_and_lightning_layout(tmp_path):
     config = {"model": "swinv2_nano", "img_size": 32}
     enc = save_encoder(simmim.encoder.state_dict(), tmp_path / "encoder.safetensors", config)
     # A Lightning checkpoint keeps the SimMIM model under an attribute: model.encoder.* / model.decoder.*
-    ckpt = atomic_torch_save(
+    ckpt = save_torch(
         {
             "state_dict": {f"model.{k}": v for k, v in simmim.state_dict().items()},
             "hyper_parameters": {"model_config": config},
@@ -199,7 +201,7 @@ def test_transfer_192_w12_to_224_w14(tmp_path):
     kw = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
     pre = randomise(build_simmim("swinv2_nano", img_size=192, window_size=12, **kw))
     sd = {**pre.state_dict(), **official_buffers(pre.encoder, "encoder.")}
-    path = atomic_torch_save({"model": sd}, tmp_path / "pt.pth")
+    path = save_torch({"model": sd}, tmp_path / "pt.pth")
     weights = read_pretrained(path)
     assert weights.window_sizes == (12, 12, 12, 6)
     model = SwinTransformerV2(
@@ -241,7 +243,7 @@ def test_bad_files(tmp_path):
 
 
 def test_truncated_checkpoint(tmp_path):
-    src = atomic_torch_save({"state_dict": {f"model.{k}": v for k, v in ours().state_dict().items()}}, tmp_path / "a")
+    src = save_torch({"state_dict": {f"model.{k}": v for k, v in ours().state_dict().items()}}, tmp_path / "a")
     data = src.read_bytes()
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(data[: len(data) // 2])
@@ -304,3 +306,192 @@ def test_a_pickled_module_is_explained(tmp_path):
         read_pretrained(tmp_path / "module.pt")
     with pytest.raises(CheckpointError, match=r"holds a Linear, not a state dict"):
         read_pretrained(tmp_path / "module.pt", trust_checkpoint=True)
+
+
+# ---- the one atomic writer ----------------------------------------------------------------------------------
+
+# Each writer of the run folder, killed between writing its temporary and the rename (SIGKILL from os.replace).
+_KILLED_WRITES = {
+    "torch": "from simmim.training.trainer import AtomicCheckpointIO\n"
+    "AtomicCheckpointIO().save_checkpoint({'w': torch.zeros(3)}, folder / 'last.ckpt')",
+    "safetensors": "from simmim.io import save_encoder\n"
+    "save_encoder({'w': torch.zeros(3)}, folder / 'encoder.safetensors', {'model': 'swinv2_nano'})",
+    "yaml": "from omegaconf import OmegaConf\nfrom simmim.cli.command import save_recipe\n"
+    "save_recipe(OmegaConf.create({'seed': 0}), folder / 'recipe.yaml')",
+    "json": "from simmim.io import save_json\nsave_json({'top1': 50.0}, folder / 'metrics.json')",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_KILLED_WRITES))
+def test_a_writer_killed_before_its_rename_leaves_a_temporary_the_clean_up_removes(tmp_path, kind):
+    code = (
+        "import os, signal, sys\nfrom pathlib import Path\nimport simmim, torch\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"folder = Path(sys.argv[1])\n{_KILLED_WRITES[kind]}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (left,) = list(tmp_path.iterdir())  # the temporary only: the target was never half-written
+    target = {"torch": "last.ckpt", "safetensors": "encoder.safetensors", "yaml": "recipe.yaml", "json": "metrics.json"}
+    assert left.name.startswith(f".{target[kind]}.tmp") and left.stat().st_size > 0
+    (tmp_path / "keep.txt").write_text("not ours")
+    assert remove_stale_temporaries(tmp_path) == [left]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_writes_replace_the_file_whole_and_keep_the_umask(tmp_path):
+    from simmim.io import load_encoder, save_json, save_text
+
+    save_text("old\n", tmp_path / "a.txt")
+    save_text("new\n", tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_text() == "new\n"
+    path = save_encoder({"w": torch.arange(3.0)}, tmp_path / "e.safetensors", {"model": "swinv2_nano"})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # safetensors alone writes 0600
+    assert torch.equal(load_encoder(path)[0]["w"], torch.arange(3.0))
+    save_json({"p": tmp_path}, tmp_path / "m.json")
+    assert (tmp_path / "m.json").read_text() == '{\n  "p": "' + str(tmp_path) + '"\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "e.safetensors", "m.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- SimMIM checkpoints: the decoder and mask token come along ------------------------------------------------
+
+
+def test_a_simmim_model_takes_the_decoder_and_mask_token_of_an_official_checkpoint(tmp_path, fake_yacs):
+    src = randomise(build_simmim("swinv2_nano", img_size=32))
+    sd = {k.replace(".cpb_mlp.", ".rpe_mlp."): v for k, v in src.state_dict().items()}  # released naming
+    path = save_torch({"model": sd, "config": fake_yacs({"MODEL": fake_yacs({"TYPE": "swinv2"})})}, tmp_path / "o.pth")
+    sys.modules.pop("yacs.config")
+    target = build_simmim("swinv2_nano", img_size=32)
+    report = load_pretrained(target, path)
+    assert report.missing == [] and report.dropped == []
+    assert "decoder.0.weight" in report.loaded and "mask_token" in report.loaded
+    assert "SimMIM: pixel decoder taken from the checkpoint, mask token taken from the checkpoint" in str(report)
+    x, mask = images(), torch.zeros(2, 8, 8, dtype=torch.long)
+    mask[:, ::2] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval().reconstruct(x, mask), src.reconstruct(x, mask), rtol=0, atol=0)
+    # an encoder-only file: the head is new, and the report says so
+    enc = save_encoder({k: v for k, v in src.encoder.state_dict().items() if k != "mask_token"}, tmp_path / "e.st", {})
+    report = load_pretrained(build_simmim("swinv2_nano", img_size=32), enc)
+    assert report.missing == ["mask_token", "decoder.0.weight", "decoder.0.bias"]
+    assert "SimMIM: pixel decoder newly initialised, mask token newly initialised" in str(report)
+
+
+def test_a_checkpoint_in_memory_reads_like_its_file(tmp_path):
+    src = randomise(build_simmim("swinv2_nano", img_size=32))
+    from simmim.io import simmim_from_weights
+
+    hp = {"model_config": {"model": "swinv2_nano", "img_size": 32}, "norm_target": False}
+    obj = {"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}, "hyper_parameters": hp}
+
+    for source in (obj, save_torch(obj, tmp_path / "last.ckpt")):
+        weights = read_pretrained(source)
+        assert weights.kind == "simmim" and weights.meta["trained_by"] == "pretrain"
+        model = simmim_from_weights(weights)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+
+
+# ---- a real run's checkpoints: provenance, the resume pre-flight check, visualize -----------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(image_folder, tmp_path_factory):
+    """A real 4-step fp32 pretraining of swinv2_nano at 32 px: (run folder, run() output)."""
+    from simmim.cli.pretrain import run
+    from simmim.cli.recipes import load_recipe
+
+    run_dir = tmp_path_factory.mktemp("short_run")
+    out = run(load_recipe("pretrain", pretrain_args(image_folder, run_dir, "data.batch_size=8", "schedule.steps=4")))
+    return run_dir, out
+
+
+def test_encoder_safetensors_records_its_provenance(short_run):
+    import simmim
+    from simmim.io import encoder_provenance, load_encoder
+
+    run_dir, out = short_run
+    sd, config = load_encoder(run_dir / "encoder.safetensors")  # the config stays where it was
+    assert config["model"] == "swinv2_nano" and config["img_size"] == 32 and "mask_token" not in sd
+    meta = encoder_provenance(run_dir / "encoder.safetensors")
+    assert meta["steps"] == out["steps"] == 4
+    assert meta["final_loss"] == pytest.approx(out["loss"]) and 0 < meta["final_loss"] < 10
+    assert meta["recipe"]["data"]["batch_size"] == 8 and meta["recipe"]["recipe"] == "quickstart"
+    assert meta["simmim_version"] == simmim.__version__
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
+    assert read_pretrained(run_dir / "encoder.safetensors").meta["provenance"] == meta
+
+
+def _resume_cli(image_folder, run_dir, *extra):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = pretrain_args(image_folder, run_dir, "data.batch_size=8", "schedule.steps=4", *extra)
+    return subprocess.run(
+        [sys.executable, "-m", "simmim.pretrain", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("text", "notes.ckpt is not a checkpoint (it looks like a text file). resume= takes a .ckpt a run wrote"),
+        ("truncated", "cut.ckpt is truncated or corrupt (PytorchStreamReader"),
+        ("other model", "holds a swinv2_nano (embed_dim 32, depths [1, 1, 2, 1], heads [1, 2, 4, 8]) but this run "
+         "builds a swinv2_micro (embed_dim 48, depths [2, 2, 4, 2], heads [2, 4, 8, 16]) (different embed_dim, "
+         "depths, num_heads): resume with the checkpoint's model (model.name=swinv2_nano)"),
+    ],
+)  # fmt: skip
+def test_resume_refuses_a_bad_checkpoint_in_one_line_before_lightning_reads_it(
+    short_run, image_folder, tmp_path, case, expected
+):
+    last = short_run[0] / "checkpoints" / "last.ckpt"
+    extra: list[str] = []
+    if case == "text":
+        path = tmp_path / "notes.ckpt"
+        path.write_text("step 100: loss 0.5\n")
+    elif case == "truncated":
+        path = tmp_path / "cut.ckpt"
+        data = last.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path, extra = last, ["model.name=swinv2_micro"]
+    res = _resume_cli(image_folder, tmp_path / "run", f"resume={path}", *extra)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: resume={path}: "), res.stderr[-3000:]
+    assert expected in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_check_resume_names_what_the_file_is_and_what_to_do_instead(short_run):
+    from simmim.io import check_resume
+
+    run_dir, _ = short_run
+    nano = {"name": "swinv2_nano", "img_size": 32, "window_size": 4, "norm_target": False}
+    assert check_resume(run_dir / "checkpoints" / "last.ckpt", nano, "pretrain") is None
+    assert check_resume(run_dir / "checkpoints" / "step=000002.ckpt", {**nano, "img_size": 64}, "pretrain") is None
+    with pytest.raises(CheckpointError, match=r"encoder.safetensors holds encoder-safetensors weights but no training "
+                       r"state: .* use model.init_from=.*encoder.safetensors"):  # fmt: skip
+        check_resume(run_dir / "encoder.safetensors", nano, "pretrain")
+    with pytest.raises(CheckpointError, match=r"is a pretrain checkpoint and this is a finetune run: resume it with "
+                       r"python -m simmim.pretrain, or start from its weights with pretrained="):  # fmt: skip
+        check_resume(run_dir / "checkpoints" / "last.ckpt", nano, "finetune")
+
+
+def test_visualize_calls_a_truncated_checkpoint_truncated(short_run, image_folder, tmp_path, capsys):
+    from simmim import visualize
+
+    data = (short_run[0] / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 3])
+    image = sorted(image_folder.iterdir())[0]
+    assert visualize.main([str(tmp_path / "cut.ckpt"), str(image), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'cut.ckpt'} is truncated or corrupt") and err.count("\n") == 1, err
+    # the encoder file is read by the same reader, and explained
+    assert visualize.main([str(short_run[0] / "encoder.safetensors"), str(image), "--out", "g.png"]) == 2
+    assert "has no SimMIM pixel decoder" in capsys.readouterr().err
