@@ -245,7 +245,6 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
 def plan(cfg: DictConfig) -> str:
     """``--dry-run``: what the run would do (data, steps, schedule, precision, devices, memory), training nothing."""
     from simmim import runtime
-    from simmim.models import create_model
 
     config = encoder_config(cfg)
     with run_runtime(cfg, config) as rt:
@@ -253,10 +252,6 @@ def plan(cfg: DictConfig) -> str:
         world = world_size(cfg)
         accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
         per_epoch = len(datamodule.train_indices) // (cfg.data.batch_size * world) // accumulate
-        import torch
-
-        with torch.device("meta"):
-            params = sum(p.numel() for p in create_model(**config, num_classes=0).parameters())
         n_val = len(datamodule.val_source) if datamodule.val_source is not None else len(datamodule.val_indices)
         lines = [
             f"data: {len(datamodule.train_indices)} training images, {n_val} validation ({datamodule.source!r}); "
@@ -264,7 +259,7 @@ def plan(cfg: DictConfig) -> str:
             f"{accumulate} accumulation)",
             schedule_text(cfg, per_epoch),
             f"model: {cfg.model.name} {cfg.model.img_size} px, window {cfg.model.window_size}, "
-            f"{params / 1e6:.1f} M encoder parameters; memory={cfg.memory} (use_checkpoint="
+            f"{config['embed_dim']} channels, depths {config['depths']}; memory={cfg.memory} (use_checkpoint="
             f"{cfg.model.use_checkpoint}, attn_chunk_size={cfg.model.attn_chunk_size})",
             f"precision: {rt.precision.requested} -> {rt.precision.value} ({rt.precision.reason}); threads "
             f"{rt.threads.threads} ({rt.threads.reason}); {runtime.describe(rt.threads.threads)}",

@@ -92,7 +92,7 @@ def test_dry_run_prints_the_recipe_and_the_plan_and_trains_nothing(images, tmp_p
 
 
 def test_multirun_sweeps_each_combination_in_its_own_folder(images, tmp_path):
-    base = pretrain_args(images, tmp_path / "sweep", "trainer.max_steps=2", "schedule.epochs=1")
+    base = pretrain_args(images, tmp_path / "sweep", "data.batch_size=8", "trainer.max_steps=2", "schedule.epochs=1")
     res = cli("pretrain", "--multirun", *base, "optim.lr=0.1,0.2")
     assert res.returncode == 0, res.stderr[-3000:]
     for i, lr in enumerate((0.1, 0.2)):
