@@ -128,14 +128,14 @@ def test_a_short_run_validates_at_its_end_logs_train_loss_and_records_what_auto_
 
 @pytest.mark.slow
 def test_trainer_arguments_that_were_refused_now_work(images, tmp_path):
-    base = pretrain_args(images, tmp_path / "a", "trainer.max_steps=2", "schedule.epochs=1")
+    base = pretrain_args(images, tmp_path / "a", "data.batch_size=8", "trainer.max_steps=2", "schedule.epochs=1")
     res = cli("pretrain", *base, "trainer.logger=false", "trainer.callbacks=[]",
               f"trainer.default_root_dir={tmp_path / 'root'}", "trainer.enable_checkpointing=false")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (tmp_path / "a" / "logs").exists() and not (tmp_path / "a" / "checkpoints").exists()
     assert (tmp_path / "a" / "encoder.safetensors").is_file()
     callback = "{_target_: pytorch_lightning.callbacks.LearningRateMonitor}"
-    res = cli("pretrain", *pretrain_args(images, tmp_path / "b", "trainer.max_steps=2", "schedule.epochs=1"),
-              f"trainer.callbacks=[{callback}]")  # fmt: skip
+    args = pretrain_args(images, tmp_path / "b", "data.batch_size=8", "trainer.max_steps=2", "schedule.epochs=1")
+    res = cli("pretrain", *args, f"trainer.callbacks=[{callback}]")
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(r.get("lr-AdamW/pg1") for r in metrics(tmp_path / "b"))  # the user's callback ran
