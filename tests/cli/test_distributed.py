@@ -163,7 +163,7 @@ def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {SwinTransformerBlock, PatchMerging}
     assert build_strategy("ddp") == "ddp"
     images = write_images(tmp_path / "images", 8)
-    args = pretrain_args(images, tmp_path / "run", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
+    args = pretrain_args(images, tmp_path / "run", "data.batch_size=4", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
     with pytest.raises(RecipeError, match="trainer: The strategy `fsdp` requires a GPU"):
         run(load_recipe("pretrain", args))
 
