@@ -65,31 +65,58 @@ def schedule_text(cfg: DictConfig, steps_per_epoch: int) -> str:
     return text
 
 
-def trainer_arguments(cfg: DictConfig, rt: Any) -> dict[str, Any]:
-    """The recipe's ``trainer.*`` with the resolved precision and the run length (``schedule.*``)."""
-    from simmim.training.optim import run_length
+def steps_per_epoch(cfg: DictConfig, train_images: int) -> int:
+    """Optimizer steps of one epoch, as the modules count them (whole batches on every process, whole
+    accumulations): the preview for refusals and ``--dry-run``."""
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    return train_images // (cfg.data.batch_size * world_size(cfg)) // accumulate
 
+
+def trainer_arguments(cfg: DictConfig, rt: Any, datamodule: Any) -> dict[str, Any]:
+    """The recipe's ``trainer.*`` with the resolved precision and the run length (``schedule.*``). Refused first,
+    before the run folder is written: too few images for one batch per process (the training sampler's rule and
+    message) and ``trainer.max_steps`` past the schedule's end (the module's rule, checked again when it runs)."""
+    from simmim.data import EpochSampler
+    from simmim.training.optim import check_max_steps, run_length
+
+    images = len(datamodule.train_indices)
+    EpochSampler(images, cfg.data.batch_size, rank=0, world_size=world_size(cfg), size_notes=datamodule.size_notes)
+    s, max_steps = cfg.schedule, cfg.trainer.get("max_steps")
+    if max_steps:
+        per_epoch = s.steps / s.epochs if s.steps else steps_per_epoch(cfg, images)
+        check_max_steps(int(max_steps), round(s.epochs * per_epoch), s.epochs, s.steps)
     targs = OmegaConf.to_container(cfg.trainer)
     targs["precision"] = rt.precision.value
-    targs["max_epochs"], targs["max_steps"] = run_length(
-        cfg.schedule.epochs, cfg.schedule.steps, targs.get("max_steps")
-    )
+    targs["max_epochs"], targs["max_steps"] = run_length(s.epochs, s.steps, targs.get("max_steps"))
     return targs
 
 
-def check_run_length(cfg: DictConfig, datamodule: Any) -> None:
-    """Before the run folder is written: too few images for one batch per process (the training sampler's rule and
-    message) and ``trainer.max_steps`` past the schedule's end (the module's rule, checked again when it runs)."""
-    from simmim.data import EpochSampler
-    from simmim.training.optim import check_max_steps
+def plan_lines(cfg: DictConfig, rt: Any, datamodule: Any | None, what: str = "") -> list[str]:
+    """``--dry-run``'s lines: the data and steps (``what`` says more about the images), the schedule, precision and
+    threads on this machine."""
+    lines = []
+    if datamodule is not None:
+        images, world = len(datamodule.train_indices), world_size(cfg)
+        per_epoch = steps_per_epoch(cfg, images)
+        lines += [
+            f"data: {images} training images{what}; {per_epoch} optimizer steps per epoch ({cfg.data.batch_size} per "
+            f"device x {world} processes x {cfg.trainer.get('accumulate_grad_batches', 1)} accumulation)",
+            schedule_text(cfg, per_epoch),
+        ]
+    p, t = rt.precision, rt.threads
+    lines.append(f"precision: {p.requested} -> {p.value} ({p.reason}); threads {t.threads} ({t.reason}); "
+                 f"{runtime.describe(t.threads)}")  # fmt: skip
+    return lines
 
-    train_images, world = len(datamodule.train_indices), world_size(cfg)
-    EpochSampler(train_images, cfg.data.batch_size, rank=0, world_size=world, size_notes=datamodule.size_notes)
-    s, accumulate = cfg.schedule, int(cfg.trainer.get("accumulate_grad_batches", 1))
-    per_epoch = s.steps / s.epochs if s.steps else train_images // (cfg.data.batch_size * world) // accumulate
-    max_steps = cfg.trainer.get("max_steps")
-    if per_epoch and max_steps:
-        check_max_steps(int(max_steps), round(s.epochs * per_epoch), s.epochs, s.steps)
+
+def stopped_text(out: Mapping[str, Any]) -> str | None:
+    """What a run stopped by a signal says (None when it was not)."""
+    if not out.get("preempted"):
+        return None
+    return (
+        f"stopped by {out['preempted']} at step {out['steps']}: saved {out['checkpoint']}; continue with the same "
+        f"command and resume=auto run_dir={out['run_dir']}"
+    )
 
 
 def log_to_loggers(trainer: Any, cfg: DictConfig | None = None, image: tuple[str, Path] | None = None) -> None:

@@ -17,15 +17,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from simmim.cli.checks import model_geometry
-from simmim.cli.command import (
-    check_run_length,
-    command_line,
-    log_to_loggers,
-    save_recipe,
-    schedule_text,
-    trainer_arguments,
-    world_size,
-)
+from simmim.cli.command import command_line, log_to_loggers, plan_lines, save_recipe, stopped_text, trainer_arguments
 from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
 from simmim.training.classify import FinetuneModule, LinearProbeModule
@@ -151,8 +143,7 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
     if cfg.compile:
         compile_model(module.model, cfg.compile_mode)
     load = load_pretrained(module.model, weights) if weights is not None else None
-    check_run_length(cfg, dm)
-    targs = trainer_arguments(cfg, rt)
+    targs = trainer_arguments(cfg, rt, dm)
     preemption = Preemption(ckpt_dir / "last.ckpt")
     callbacks: list[pl.Callback] = [preemption]
     if cfg.memory == "auto":
@@ -210,32 +201,16 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
 
 def plan(cfg: DictConfig) -> str:
     """``--dry-run``: the data, steps, schedule, precision and devices of the run, training nothing."""
-    from simmim import runtime
-
     with run_runtime(cfg, encoder_config(cfg)) as rt:
-        lines = [f"mode: {cfg.mode}; pretrained: {cfg.pretrained}"]
-        if cfg.mode != "knn":
-            dm = build_datamodule(cfg)
-            world, accumulate = world_size(cfg), int(cfg.trainer.get("accumulate_grad_batches", 1))
-            per_epoch = len(dm.train_indices) // (cfg.data.batch_size * world) // accumulate
-            lines += [
-                f"data: {len(dm.train_indices)} training images in {dm.num_classes} classes; {per_epoch} optimizer "
-                f"steps per epoch ({cfg.data.batch_size} per device x {world} processes x {accumulate} accumulation)",
-                schedule_text(cfg, per_epoch),
-            ]
-        lines.append(
-            f"precision: {rt.precision.requested} -> {rt.precision.value} ({rt.precision.reason}); threads "
-            f"{rt.threads.threads} ({rt.threads.reason}); {runtime.describe(rt.threads.threads)}"
-        )
-    return "\n".join(lines)
+        dm = build_datamodule(cfg) if cfg.mode != "knn" else None
+        what = f" in {dm.num_classes} classes" if dm is not None else ""
+        lines = plan_lines(cfg, rt, dm, what)
+    return "\n".join([f"mode: {cfg.mode}; pretrained: {cfg.pretrained}", *lines])
 
 
 def report(metrics: dict[str, Any]) -> str:
     if metrics.get("preempted"):
-        return (
-            f"stopped by {metrics['preempted']} at step {metrics['steps']}: saved {metrics['checkpoint']}; continue "
-            f"with the same command and resume=auto run_dir={metrics['run_dir']}"
-        )
+        return stopped_text(metrics)
     hidden = ("confusion_matrix", "load_report", "is_global_zero", "per_class_top1", "class_names")
     return json.dumps({k: v for k, v in metrics.items() if k not in hidden}, indent=2, default=str)
 

@@ -15,15 +15,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from simmim.cli.checks import model_geometry
-from simmim.cli.command import (
-    check_run_length,
-    command_line,
-    log_to_loggers,
-    save_recipe,
-    schedule_text,
-    trainer_arguments,
-    world_size,
-)
+from simmim.cli.command import command_line, log_to_loggers, plan_lines, save_recipe, stopped_text, trainer_arguments
 from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
 from simmim.io import save_text
@@ -177,14 +169,13 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
     if cfg.compile:
         compile_model(module.model, cfg.compile_mode)
     datamodule = build_datamodule(cfg, module.model.patch_size)
-    check_run_length(cfg, datamodule)
     preemption = Preemption(ckpt_dir / "last.ckpt")
     callbacks = [*callbacks, preemption]
     if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup
         from simmim.training.memory import MemoryPlanner
 
         callbacks.append(MemoryPlanner())
-    targs = trainer_arguments(cfg, rt)
+    targs = trainer_arguments(cfg, rt, datamodule)
     trainer = build_trainer(
         run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
         checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
@@ -244,37 +235,24 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
 
 def plan(cfg: DictConfig) -> str:
     """``--dry-run``: what the run would do (data, steps, schedule, precision, devices, memory), training nothing."""
-    from simmim import runtime
-
     config = encoder_config(cfg)
     with run_runtime(cfg, config) as rt:
-        datamodule = build_datamodule(cfg, int(config["patch_size"]))
-        world = world_size(cfg)
-        accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
-        per_epoch = len(datamodule.train_indices) // (cfg.data.batch_size * world) // accumulate
-        n_val = len(datamodule.val_source) if datamodule.val_source is not None else len(datamodule.val_indices)
-        lines = [
-            f"data: {len(datamodule.train_indices)} training images, {n_val} validation ({datamodule.source!r}); "
-            f"{per_epoch} optimizer steps per epoch ({cfg.data.batch_size} per device x {world} processes x "
-            f"{accumulate} accumulation)",
-            schedule_text(cfg, per_epoch),
-            f"model: {cfg.model.name} {cfg.model.img_size} px, window {cfg.model.window_size}, "
-            f"{config['embed_dim']} channels, depths {config['depths']}; memory={cfg.memory} (use_checkpoint="
-            f"{cfg.model.use_checkpoint}, attn_chunk_size={cfg.model.attn_chunk_size})",
-            f"precision: {rt.precision.requested} -> {rt.precision.value} ({rt.precision.reason}); threads "
-            f"{rt.threads.threads} ({rt.threads.reason}); {runtime.describe(rt.threads.threads)}",
-        ]
-    return "\n".join(lines)
+        dm = build_datamodule(cfg, int(config["patch_size"]))
+        n_val = len(dm.val_source) if dm.val_source is not None else len(dm.val_indices)
+        lines = plan_lines(cfg, rt, dm, f", {n_val} validation ({dm.source!r})")
+    model = (
+        f"model: {cfg.model.name} {cfg.model.img_size} px, window {cfg.model.window_size}, {config['embed_dim']} "
+        f"channels, depths {config['depths']}; memory={cfg.memory} (use_checkpoint={cfg.model.use_checkpoint}, "
+        f"attn_chunk_size={cfg.model.attn_chunk_size})"
+    )
+    return "\n".join([*lines[:-1], model, lines[-1]])
 
 
 def report(out: dict[str, Any]) -> str:
     if out.get("already_complete"):
         return f"nothing to do: the run in {out['run_dir']} is complete at step {out['steps']} ({out['checkpoint']})"
     if out.get("preempted"):
-        return (
-            f"stopped by {out['preempted']} at step {out['steps']}: saved {out['checkpoint']}; continue with the same "
-            f"command and resume=auto run_dir={out['run_dir']}"
-        )
+        return stopped_text(out)
     lines = [f"done: {out['steps']} steps in {out['seconds']:.0f} s, final loss {out['loss']:.4f}"
              + (f", val loss {out['val_loss']:.4f}" if "val_loss" in out else ""),
              f"  run folder      {out['run_dir']}"]  # fmt: skip

@@ -82,9 +82,17 @@ class ClassificationModule(TrainingModule):
 
         return load_pretrained(self.model, path, trust_checkpoint=trust_checkpoint)
 
-    def _log_train(self, loss: torch.Tensor, batch_size: int) -> None:
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        loss = self.loss(images, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=labels.shape[0])
         self.log_lr()
+        return loss
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss: cross-entropy with the recipe's label smoothing."""
+        smoothing = self.hparams.mixup["label_smoothing"]
+        return F.cross_entropy(self(images).float(), labels, label_smoothing=smoothing)
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         images, labels = batch["image"], batch["label"]
@@ -144,16 +152,12 @@ class FinetuneModule(ClassificationModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch["image"], batch["label"]
-        if self.mixup.active:
-            images, targets = self.mixup(images, labels)
-            loss = self.soft_ce(self(images), targets)
-        else:
-            smoothing = self.hparams.mixup["label_smoothing"]
-            loss = F.cross_entropy(self(images).float(), labels, label_smoothing=smoothing)
-        self._log_train(loss, labels.shape[0])
-        return loss
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mixup / cutmix with soft targets when active, else cross-entropy with label smoothing."""
+        if not self.mixup.active:
+            return super().loss(images, labels)
+        images, targets = self.mixup(images, labels)
+        return self.soft_ce(self(images), targets)
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         o = self.hparams.optim
@@ -194,13 +198,6 @@ class LinearProbeModule(ClassificationModule):
         with torch.no_grad():
             pooled = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         return self.model.head(pooled)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch["image"], batch["label"]
-        smoothing = self.hparams.mixup["label_smoothing"]
-        loss = F.cross_entropy(self(images).float(), labels, label_smoothing=smoothing)
-        self._log_train(loss, labels.shape[0])
-        return loss
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         o = self.hparams.optim
