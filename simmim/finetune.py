@@ -41,7 +41,8 @@ from simmim.config import RecipeError, RunRuntime, load_recipe, run_runtime, sav
 from simmim.data import ClassificationDataModule, DataError, show_bad_images_plainly
 from simmim.distributed import make_trainer
 from simmim.mixup import Mixup, SoftTargetCrossEntropy
-from simmim.models.swinv2 import MODEL_CONFIGS, SwinTransformerV2, compile_model, create_model
+from simmim.models.registry import MODEL_CONFIGS, compile_model, create_model
+from simmim.models.swinv2 import SwinTransformerV2
 from simmim.optim import (
     LRSchedule,
     build_optimizer,

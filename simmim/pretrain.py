@@ -47,8 +47,8 @@ from simmim.distributed import (
     sharding_strategy,
 )
 from simmim.memory import MemoryPlanner
+from simmim.models.registry import MODEL_CONFIGS, compile_model, encoder_config
 from simmim.models.simmim import SimMIM, build_simmim
-from simmim.models.swinv2 import MODEL_CONFIGS, compile_model
 from simmim.optim import (
     LRSchedule,
     build_optimizer,
@@ -62,16 +62,12 @@ from simmim.optim import (
 
 __all__ = ["SimMIMPretrainModule", "model_config", "check_geometry", "run", "main"]
 
-RUNTIME_ONLY = ("use_checkpoint", "attn_chunk_size")  # model options that change memory, not weights
-
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The full encoder config ``{"model": name, embed_dim, depths, ..., overrides}`` that rebuilds it with
-    ``create_model(**config)``; runtime-only options (activation checkpointing, attention chunks) are left out."""
+    """:func:`simmim.models.registry.encoder_config`, with a recipe error for an unknown ``model.name``."""
     if name not in MODEL_CONFIGS:
         raise RecipeError(f"model.name={name!r} is not a known model; available: {', '.join(sorted(MODEL_CONFIGS))}")
-    cfg = {"model": name, **MODEL_CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k not in RUNTIME_ONLY}
+    return encoder_config(name, **overrides)
 
 
 class SimMIMPretrainModule(ExactResume, pl.LightningModule):

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from simmim.config import RecipeError, available_recipes, load_recipe, save_recipe

@@ -155,7 +155,8 @@ def test_seed_rank_gives_each_rank_its_own_stream():
 def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
     from pytorch_lightning.strategies import FSDPStrategy
 
-    from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
+    from simmim.models.layers import PatchMerging
+    from simmim.models.swinv2 import SwinTransformerBlock
 
     strategy = build_strategy("fsdp")
     assert isinstance(strategy, FSDPStrategy)

@@ -1,4 +1,5 @@
-"""simmim.models.ops.linear (float32 through oneDNN on CPU) against F.linear: outputs, gradients, fallbacks."""
+"""simmim.kernels.linear: float32 through oneDNN on CPU against F.linear (outputs, gradients, fallbacks), and the
+Linear module wrappers and hooks see."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.backends.common import aot_autograd
 
 from simmim import runtime
-from simmim.models.ops import linear, onednn_linear
+from simmim.kernels import Linear, linear, onednn_linear, plain_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN (mkldnn)")
 
@@ -88,3 +89,35 @@ def test_strided_inputs_and_gradients():
         results.append((out, leaf.grad, weight.grad))
     for a, r in zip(*results):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_module_is_an_nn_linear_with_the_kernel_inside():
+    """Linear keeps nn.Linear's parameters, keys and isinstance (so wrappers and hooks find it), runs the kernel,
+    takes in-place ops after it (nn.ReLU(inplace=True)), and plain_linears hands exact-type tools an nn.Linear."""
+    torch.manual_seed(0)
+    layer = Linear(8, 5)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with runtime.overridden(onednn_linear=True):
+        out = torch.nn.ReLU(inplace=True)(layer(x))
+        out.sum().backward()
+    assert seen == [(2, 3, 5)]
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias).relu())
+    torch.testing.assert_close(x.grad, ((F.linear(x, layer.weight, layer.bias) > 0).float() @ layer.weight))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    assert plain_linears(model) is model and type(model[0]) is torch.nn.Linear
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(quantized[0]).__name__ == "Linear" and type(quantized[0]) is not torch.nn.Linear
+
+
+def test_tensor_subclass_weights_take_f_linear():
+    """Weights that are tensor subclasses (quantised, sharded, ...) go to F.linear, which dispatches on them."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x, w = torch.randn(3, 8), torch.randn(5, 8).as_subclass(Tagged)
+    with runtime.overridden(onednn_linear=True):
+        assert isinstance(linear(x, w), Tagged)
