@@ -15,13 +15,21 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from simmim.kernels import AttentionKernel, Linear, fused_attention
+from simmim.kernels import AttentionKernel, Linear, fused_attention, linear
 from simmim.kernels.attention import upcast
 from simmim.models.layers import WindowMask, relative_coords_table, relative_position_index, to_pair
 
-__all__ = ["LOG_MAX_SCALE", "WindowAttention"]
+__all__ = ["LOG_MAX_SCALE", "QKVLinear", "WindowAttention"]
 
 LOG_MAX_SCALE = math.log(100.0)  # logit_scale is clamped at log(1/0.01): temperature at most 100
+
+
+class QKVLinear(Linear):
+    """The qkv projection: weight only in the state dict (official ``attn.qkv.weight``); the q and v biases are the
+    attention's own parameters (``attn.q_bias``, ``attn.v_bias``) and come in as ``bias``, added in the product."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.weight, bias)
 
 
 class WindowAttention(nn.Module):
@@ -61,7 +69,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_coords_table", table, persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
         # official layout: a bias-free qkv product, then q and v biases of their own (the key bias is always 0)
-        self.qkv = Linear(dim, dim * 3, bias=False)
+        self.qkv = QKVLinear(dim, dim * 3, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.attn_drop = nn.Dropout(attn_drop)
@@ -78,9 +86,10 @@ class WindowAttention(nn.Module):
     def position_bias_table(self) -> torch.Tensor:
         """16 * sigmoid(cpb_mlp(relative_coords_table)): the Log-CPB bias of every relative offset (eq. 4; the
         16 * sigmoid bound is the official code's), [nH, 2Wh-1, 2Ww-1], outside autocast (values up to 16)."""
-        with torch.autocast(self.relative_coords_table.device.type, enabled=False):
-            table = self.cpb_mlp(self.relative_coords_table)[0]  # [2Wh-1, 2Ww-1, nH]
-            return 16 * torch.sigmoid(table.permute(2, 0, 1))
+        coords = self.relative_coords_table  # [1, 2Wh-1, 2Ww-1, 2]
+        with torch.autocast(coords.device.type, enabled=False):
+            bias = 16 * torch.sigmoid(self.cpb_mlp(coords.view(-1, 2)))  # [T, nH], one row per offset
+            return bias.t().reshape(-1, *coords.shape[1:3])
 
     def position_bias(self) -> torch.Tensor:
         """The table gathered for every (query, key) pair of a window, [nH, N, N]. Memoised on CPU while no gradient
@@ -111,9 +120,12 @@ class WindowAttention(nn.Module):
         tensor (shift and padding), or None."""
         if isinstance(mask, torch.Tensor):
             mask = WindowMask(dense=mask)
-        qkv = self.qkv(x)
-        if self.q_bias is not None:
-            qkv = qkv + torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)).to(qkv.dtype)
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        if isinstance(self.qkv, QKVLinear):  # the bias fused into the product, as officially
+            qkv = self.qkv(x, bias)
+        else:  # a replaced or wrapped projection (LoRA, quantised, ...) is called on x alone, the bias added after
+            qkv = self.qkv(x)
+            qkv = qkv if bias is None else qkv + bias.to(qkv.dtype)
         scale, pos_bias = self.temperature(), self.position_bias()
         if self.attn_chunk_size <= 0:
             out = self.attend(qkv, scale, _window_bias(pos_bias, mask))

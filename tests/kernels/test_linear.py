@@ -39,7 +39,7 @@ def test_float32_matches_f_linear(shape, out_features, with_bias):
 
 
 def test_other_dtypes_autocast_and_the_switch_take_f_linear():
-    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(5, 8)
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(24, 16)
     with runtime.overridden(onednn_linear=True):
         assert linear(x, w).grad_fn.name() == "_OneDNNLinearBackward"
         with runtime.reference_kernels():
@@ -50,6 +50,11 @@ def test_other_dtypes_autocast_and_the_switch_take_f_linear():
     assert out.dtype == torch.bfloat16 and out.grad_fn.name() == "MmBackward0"
     with runtime.overridden(onednn_linear=False):
         assert linear(x, w).grad_fn.name() == "MmBackward0"
+    # layers of fewer than NARROW outputs stay on F.linear; of fewer inputs take the weight gradient's fast orientation
+    with runtime.overridden(onednn_linear=True):
+        assert linear(x, w[:5]).grad_fn.name() == "MmBackward0"
+        narrow = linear(x[:, :2], w[:, :2].clone().requires_grad_())
+        assert narrow.grad_fn.name() == "_NarrowLinearBackward"
 
 
 @pytest.mark.slow
@@ -121,3 +126,18 @@ def test_tensor_subclass_weights_take_f_linear():
     x, w = torch.randn(3, 8), torch.randn(5, 8).as_subclass(Tagged)
     with runtime.overridden(onednn_linear=True):
         assert isinstance(linear(x, w), Tagged)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_narrow_layers_match_f_linear(onednn):
+    """The Log-CPB MLP's shapes (2 inputs -> 512, 512 -> 3 outputs) on every route: same outputs and gradients."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((529, 2), (529, 512)):
+        x = torch.randn(shape, generator=g)
+        w, b = torch.randn(512 if shape[1] == 2 else 3, shape[1], generator=g), None
+        with runtime.overridden(onednn_linear=onednn):
+            got, got_grads = _grads(linear, x, w, b)
+        ref, ref_grads = _grads(F.linear, x.double(), w.double(), None)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(got_grads, ref_grads):
+            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4)
