@@ -364,27 +364,19 @@ def _linear_calibration() -> tuple[float, bool]:
 
 def _measure_linear_speedup() -> float:
     """Best-of-3 time of a float32 linear's forward and backward (three products) through ``F.linear`` over the same
-    three products through oneDNN's inner product as :mod:`simmim.kernels.linear` runs them (forward with the bias
-    fused, input gradient, weight gradient with the wider side as output columns), for x [256, 384] @ w [1536, 384]^T
-    + b (a SwinV2-T MLP layer; ~0.9 GFLOP, a few ms each on a small CPU), interleaved so background load hits both
-    alike. Plain torch ops, so that this module imports no kernel (the kernels import it)."""
+    three products through oneDNN's inner product as :mod:`simmim.kernels.linear` runs them (plain torch ops: this
+    module imports no kernel), for x [256, 384] @ w [1536, 384]^T + b (a SwinV2-T MLP layer; ~0.9 GFLOP, a few ms each
+    on a small CPU), interleaved so background load hits both alike."""
     import torch
     import torch.nn.functional as F
 
-    def inner_product(a: Any, b: Any, bias: Any = None) -> Any:
-        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-
-    def aten(x: Any, w: Any, b: Any) -> None:
-        F.linear(x, w, b).backward(grad)
-
-    def onednn(x: Any, w: Any, b: Any) -> None:
-        with torch.no_grad():
-            inner_product(x, w, b), inner_product(grad, w.t().contiguous()), inner_product(x.t(), grad.t()).t()
-            grad.sum(0)
-
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(256, 1536, generator=g)
-    kernels = {"aten": aten, "onednn": onednn}
+    ip = lambda a, b, bias=None: torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")  # noqa: E731
+    kernels = {
+        "aten": lambda x, w, b: F.linear(x, w, b).backward(grad),
+        "onednn": lambda x, w, b: (ip(x, w, b), ip(grad, w.t().contiguous()), ip(x.t(), grad.t()).t(), grad.sum(0)),
+    }
     best = {k: math.inf for k in kernels}
     # decided wherever the first linear runs: also inside no_grad, inference_mode or autocast
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
@@ -392,7 +384,7 @@ def _measure_linear_speedup() -> float:
         for warm in (True, False, False, False):
             for k, fn in kernels.items():
                 t = time.perf_counter()
-                fn(x, w, b)
+                fn(*((x, w, b) if k == "aten" else (x.detach(), w.detach(), b.detach())))
                 if not warm:
                     best[k] = min(best[k], time.perf_counter() - t)
     return round(best["aten"] / best["onednn"], 3)

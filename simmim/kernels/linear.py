@@ -1,4 +1,5 @@
-"""Float32 linear layers on CPU through oneDNN, with a hand-written backward, behind an ``nn.Linear`` subclass.
+"""Linear layers on CPU behind an ``nn.Linear`` subclass: float32 products through oneDNN, and the weight gradient
+of narrow layers in the fast orientation, each with a hand-written backward.
 
 Why: ATen's CPU ``addmm`` runs float32 products on MKL's sgemm, which on AMD CPUs with AVX-512 takes a generic path
 at about half of what the cores do (~210 GFLOP/s against ~440 through oneDNN's JIT kernels on the 2-core EPYC of
@@ -59,50 +60,38 @@ def _aten(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def _save(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
+def _autograd_function(name: str, product) -> type[torch.autograd.Function]:
+    """A linear layer on 2-D inputs as an autograd function whose three products go through ``product`` (oneDNN's or
+    ATen's), the weight gradient in the faster orientation."""
 
-
-def _gradients(ctx, grad: torch.Tensor, product) -> tuple[torch.Tensor | None, ...]:
-    """The backward of a linear layer on 2-D inputs, its two products through ``product`` (oneDNN's or ATen's),
-    the weight gradient in the faster orientation."""
-    x, weight = ctx.saved_tensors
-    n, k = weight.shape
-    # oneDNN takes transposed operands at full speed, other strides (rows with gaps) on slow paths
-    g = grad.contiguous()
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = product(g, weight.t().contiguous())
-    if ctx.needs_input_grad[1]:
-        # the wider of the two as the product's output columns: 2x for 18432 x 96 x 384 on oneDNN, 10x for the
-        # Log-CPB MLP's [512, 2] weight on MKL (an output of 2 columns takes a slow path)
-        grad_w = product(x.t(), g.t()).t() if n > k else product(g.t(), x.t())
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = g.sum(0)
-    return grad_x, grad_w, grad_b
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        _save(ctx, x, weight, bias)
-        return _onednn(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return product(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _gradients(ctx, grad, _onednn)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        n, k = weight.shape
+        # oneDNN takes transposed operands at full speed, other strides (rows with gaps) on slow paths
+        g = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = product(g, weight.t().contiguous())
+        if ctx.needs_input_grad[1]:
+            # the wider of the two as the product's output columns: 2x for 18432 x 96 x 384 on oneDNN, 10x for the
+            # Log-CPB MLP's [512, 2] weight on MKL (an output of 2 columns takes a slow path)
+            grad_w = product(x.t(), g.t()).t() if n > k else product(g.t(), x.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+    return type(
+        name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    )
 
 
-class _NarrowLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        _save(ctx, x, weight, bias)
-        return _aten(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _gradients(ctx, grad, _aten)
+_OneDNNLinear = _autograd_function("_OneDNNLinear", _onednn)
+_NarrowLinear = _autograd_function("_NarrowLinear", _aten)
 
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: type) -> torch.Tensor:

@@ -95,7 +95,7 @@ class WindowAttention(nn.Module):
         """The table gathered for every (query, key) pair of a window, [nH, N, N]. Memoised on CPU while no gradient
         is needed (batch-1 inference of SwinV2-T: ~15%), keyed on the values it is computed from."""
         n = self.window_size[0] * self.window_size[1]
-        inputs = (self.relative_coords_table, *self.cpb_mlp.parameters())
+        inputs = (self.relative_coords_table, *self.cpb_mlp.parameters())  # the index follows from the window
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         if grad or inputs[0].device.type != "cpu" or torch.compiler.is_compiling():
             return self._gather(self.position_bias_table(), n)

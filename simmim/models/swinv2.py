@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from simmim.kernels import AttentionKernel, Linear
-from simmim.models.attention import LOG_MAX_SCALE, WindowAttention
+from simmim.models.attention import WindowAttention
 from simmim.models.layers import (
     DropPath,
     Mlp,
@@ -43,14 +43,7 @@ from simmim.models.layers import (
     window_reverse,
 )
 
-__all__ = [
-    "LOG_MAX_SCALE",
-    "BasicLayer",
-    "SwinTransformerBlock",
-    "SwinTransformerV2",
-    "WindowAttention",
-    "swin_layer_id",
-]
+__all__ = ["BasicLayer", "SwinTransformerBlock", "SwinTransformerV2", "WindowAttention", "swin_layer_id"]
 
 
 class SwinTransformerBlock(nn.Module):
@@ -91,7 +84,7 @@ class SwinTransformerBlock(nn.Module):
         )
         self.norm1 = norm_layer(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, hidden=int(dim * mlp_ratio), drop=drop)
         self.norm2 = norm_layer(dim)
         self._mask_cache: dict[tuple, WindowMask | None] = {}
 

@@ -10,9 +10,10 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2Block as TimmBlock
 
 from simmim import runtime
 from simmim.models import SwinTransformerV2, create_model
+from simmim.models.attention import LOG_MAX_SCALE
 from simmim.models.convert import official_to_timm
 from simmim.models.layers import DropPath
-from simmim.models.swinv2 import LOG_MAX_SCALE, SwinTransformerBlock
+from simmim.models.swinv2 import SwinTransformerBlock
 
 from .common import TINY, forward_backward, grads, randomise, rel_err
 
