@@ -11,15 +11,14 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from simmim import runtime
+from simmim.models import MODEL_CONFIGS, create_model
 from simmim.models.convert import official_to_timm
-from simmim.models.swinv2 import create_model
 
 
 def build_pair(name: str, img_size: int, window_size: int, num_classes: int = 1000, **kw) -> tuple:
     """Our model and timm's ``SwinTransformerV2`` with the same weights (timm imported lazily)."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
-
-    from simmim.models.swinv2 import MODEL_CONFIGS
 
     cfg = {**MODEL_CONFIGS[name], "img_size": img_size, "window_size": window_size, "num_classes": num_classes}
     ours = create_model(name, **cfg, **kw)
@@ -91,14 +90,27 @@ def step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def bf16_rows(requested: list[str], explicit: bool) -> tuple[list[str], str | None]:
+    """The dtypes to time: bf16 rows are left out on a CPU without native bf16 matrix instructions (its products
+    run ~80x slower there, and oneDNN has no bf16 kernel to measure a peak with) unless asked for explicitly;
+    returns them and the note that says so."""
+    if "bf16" not in requested or explicit or runtime.machine().native_bf16:
+        return requested, None
+    kept = [d for d in requested if d != "bf16"]
+    return kept, "bf16 rows skipped: this CPU has no native bf16 (pass --dtypes bf16 to time them anyway)"
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, clock: str = "wall") -> float:
     """Measured FLOP/s of a square ``n x n`` matmul in ``dtype``: the best of repeated timings, of ATen's ``mm``
-    and (on CPU with oneDNN) oneDNN's inner product, whichever is faster (float32 on AMD CPUs: oneDNN ~2x MKL)."""
+    and (on CPU with oneDNN, where it has a kernel for ``dtype``: bf16 needs native bf16) oneDNN's inner product,
+    whichever is faster (float32 on AMD CPUs with AVX-512: oneDNN ~2x MKL)."""
     now = time.process_time if clock == "cpu" else time.perf_counter
+    native = dtype != torch.bfloat16 or runtime.machine().native_bf16
+    n = n if native else min(n, 512)  # emulated bf16 runs ~1 GFLOP/s: a 2048^3 product would take ~20 s
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     kernels = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available():
+    if torch.backends.mkldnn.is_available() and native:
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
     for kernel in kernels:

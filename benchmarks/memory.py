@@ -42,7 +42,7 @@ def worker(cfg: str, img: int, window: int, batch: int, chunk: int, bf16: bool, 
     impl, mode = cfg.split(":")
     torch.manual_seed(0)
     if impl == "ours":
-        from simmim.models.swinv2 import create_model
+        from simmim.models import create_model
 
         model = create_model("swinv2_tiny", img_size=img, window_size=window)
     else:
@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"--configs: unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+    if args.device == "cpu":
+        sys.path.insert(0, str(ROOT))
+        from simmim import runtime
+
+        print(f"# {runtime.describe()}")
     print(
         f"# swinv2_tiny, window {args.window}, batch {args.batch}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
         f"sequential chunk {args.chunk}, {args.device}; peak "

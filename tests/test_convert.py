@@ -144,7 +144,7 @@ def simmim_config() -> dict:
 def test_hf_config_round_trip_and_the_one_token_window():
     """Our config -> Swinv2Config fields -> ours. A pretrained window of 1 (the 1x1 last stage of a small model)
     becomes 2 for HF: we and timm divide Log-CPB coordinates by max(p - 1, 1), HF by p - 1 (0/0 = NaN)."""
-    from simmim.models.swinv2 import relative_coords_table
+    from simmim.models.layers import relative_coords_table
 
     cfg = {**simmim_config(), "img_size": 32, "pretrained_window_sizes": [4, 4, 2, 1]}
     hf = official_config_to_hf(cfg)

@@ -121,13 +121,14 @@ def _pair(cfg: DictConfig, key: str, upper: float | None) -> None:
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """``{"model": name, **named config, **overrides}``: the full encoder config that ``create_model(**config)``
     rebuilds (None overrides keep the named value)."""
-    from simmim.models import MODEL_CONFIGS
+    from simmim.models.registry import encoder_config
 
-    if name not in MODEL_CONFIGS:
-        raise RecipeError(f"model.name={name!r} is not a known model; available: {', '.join(sorted(MODEL_CONFIGS))}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    out = {"model": name, "patch_size": 4, **MODEL_CONFIGS[name], **given}
-    return {k: list(v) if isinstance(v, (tuple, ListConfig)) else v for k, v in out.items()}
+    try:
+        config = encoder_config(name, **overrides)
+    except ValueError as e:
+        raise RecipeError(f"model.name={name!r} is not a known model; {str(e).split('; ')[-1]}") from None
+    config.setdefault("patch_size", 4)
+    return {k: list(v) if isinstance(v, ListConfig) else v for k, v in config.items()}
 
 
 def model_geometry(model: DictConfig) -> dict[str, Any]:

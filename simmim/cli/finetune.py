@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from simmim import runtime
 from simmim.cli.checks import model_geometry
 from simmim.cli.command import command_line, log_to_loggers, plan_lines, save_recipe, stopped_text, trainer_arguments
 from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
@@ -89,7 +90,8 @@ def _run_knn(cfg: DictConfig, weights: Any, run_dir: Path, rt: RunRuntime) -> di
     queries, labels = extract_features(model, dm.val_dataloader(), bf16=rt.precision.bf16)
     k = min(cfg.knn.k, len(bank))
     if k < cfg.knn.k:
-        pl.utilities.rank_zero_warn(f"knn.k={cfg.knn.k} is more than the {len(bank)} images of the memory bank: k={k}")
+        msg = "warning: knn.k=%d is more than the %d images of the memory bank: k=%d"
+        runtime.log.warning(msg, cfg.knn.k, len(bank), k)
     result = knn_accuracy(bank, bank_labels, queries, labels, k, cfg.knn.temperature, dm.num_classes)
     return {
         "mode": "knn", "recipe": cfg.recipe, "pretrained": cfg.pretrained, "k": k, "k_requested": cfg.knn.k,

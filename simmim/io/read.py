@@ -215,21 +215,11 @@ def _windows_from_buffers(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...] | N
 
 def windows_from_config(cfg: Mapping[str, Any]) -> tuple[int, ...] | None:
     """Effective per-stage windows from a model config (img_size, window_size, patch_size, depths or a name)."""
-    from simmim.models.swinv2 import MODEL_CONFIGS
+    from simmim.models.registry import config_stage_windows
 
     if cfg.get("pretrained_window_sizes_effective"):
         return tuple(cfg["pretrained_window_sizes_effective"])
-    base = dict(MODEL_CONFIGS.get(str(cfg.get("model", cfg.get("name", ""))), {}))
-    base.update({k: v for k, v in cfg.items() if v is not None})
-    if "img_size" not in base or "window_size" not in base or "depths" not in base:
-        return None
-    img = base["img_size"][0] if isinstance(base["img_size"], (list, tuple)) else int(base["img_size"])
-    res = math.ceil(img / int(base.get("patch_size", 4)))
-    out = []
-    for i in range(len(base["depths"])):
-        r = math.ceil(res / 2**i)
-        out.append(r if r <= base["window_size"] else int(base["window_size"]))  # the block's clipping rule
-    return tuple(out)
+    return config_stage_windows(cfg)
 
 
 def checkpoint_in_folder(folder: str | Path) -> Path | None:

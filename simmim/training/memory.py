@@ -34,6 +34,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from simmim.models.registry import stage_windows
+
 __all__ = [
     "train_gflop_per_image",
     "BlockGeometry",
@@ -79,10 +81,11 @@ def block_geometry(model_config: Mapping[str, Any], img_size: int, batch_size: i
     embed, depths, heads = model_config["embed_dim"], model_config["depths"], model_config["num_heads"]
     window, patch = model_config.get("window_size", 7), model_config.get("patch_size", 4)
     grid = math.ceil(img_size / patch)
+    windows = stage_windows(img_size, window, patch, len(depths))
     blocks = []
     for i, (depth, h) in enumerate(zip(depths, heads)):
         res = math.ceil(grid / 2**i)
-        w = min(window, res)
+        w = windows[i]
         padded = math.ceil(res / w) * w
         geo = BlockGeometry(batch_size * padded**2, embed * 2**i, h, w * w, (padded // w) ** 2)
         blocks += [geo] * depth

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
+from simmim.models.registry import RUNTIME_ONLY
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.training.base import TrainingModule
 from simmim.training.optim import build_optimizer, fused_adamw_ok
 
 __all__ = ["SimMIMPretrainModule", "RUNTIME_ONLY"]
 
-RUNTIME_ONLY = ("use_checkpoint", "attn_chunk_size")  # encoder options that change memory, not weights
 
 
 class SimMIMPretrainModule(TrainingModule):

@@ -81,7 +81,8 @@ def build_strategy(name: Any) -> Any:
         return name
     from pytorch_lightning.strategies import FSDPStrategy
 
-    from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
+    from simmim.models.layers import PatchMerging
+    from simmim.models.swinv2 import SwinTransformerBlock
 
     return FSDPStrategy(auto_wrap_policy={SwinTransformerBlock, PatchMerging}, state_dict_type="full")
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from simmim.models.attention import WindowAttention
 from simmim.models.simmim import SimMIM
-from simmim.models.swinv2 import LOG_MAX_SCALE, WindowAttention
 from simmim.visualize.reconstruction import Reconstructions, patch_loss_map, reconstruct
 
 if TYPE_CHECKING:
@@ -44,22 +44,14 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, WindowAttention]]:
 @torch.no_grad()
 def attention_temperatures(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per block, the per-head cosine-attention temperature exp(min(logit_scale, log 100)) [nH] (init: 10)."""
-    return {
-        name: attn.logit_scale.detach().float().clamp(max=LOG_MAX_SCALE).exp().flatten().cpu()
-        for name, attn in _attention_modules(model)
-    }
+    return {name: attn.temperature().float().flatten().cpu() for name, attn in _attention_modules(model)}
 
 
 @torch.no_grad()
 def position_bias_maps(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per block, 16 * sigmoid(cpb_mlp(relative coords)) as [nH, 2Wh-1, 2Ww-1] images indexed by the
     (dy, dx) offset between query and key; the centre pixel is offset (0, 0). Values lie in (0, 16)."""
-    out = {}
-    for name, attn in _attention_modules(model):
-        table = attn.relative_coords_table.float()  # [1, 2Wh-1, 2Ww-1, 2]
-        bias = attn.cpb_mlp.float()(table)[0]  # [2Wh-1, 2Ww-1, nH]
-        out[name] = (16 * torch.sigmoid(bias)).permute(2, 0, 1).cpu()
-    return out
+    return {name: attn.position_bias_table().float().cpu() for name, attn in _attention_modules(model)}
 
 
 # ---- matplotlib figures for the notebook ----------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from simmim.masking import MaskGenerator
-from simmim.models.simmim import SimMIM, masked_l1, norm_targets, upsample_mask
+from simmim.models.simmim import SimMIM
+from simmim.models.targets import masked_l1, norm_targets, upsample_mask
 
 __all__ = ["Reconstructions", "denormalize", "fixed_masks", "reconstruct", "patch_loss_map", "ROWS"]
 

@@ -156,14 +156,16 @@ def test_seed_rank_gives_each_rank_its_own_stream():
 def test_fsdp_recipe_shards_per_block_and_cpu_gets_a_clear_error(tmp_path):
     from pytorch_lightning.strategies import FSDPStrategy
 
-    from simmim.models.swinv2 import PatchMerging, SwinTransformerBlock
+    from simmim.models.layers import PatchMerging
+    from simmim.models.swinv2 import SwinTransformerBlock
 
     strategy = build_strategy("fsdp")
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {SwinTransformerBlock, PatchMerging}
     assert build_strategy("ddp") == "ddp"
     images = write_images(tmp_path / "images", 8)
-    args = pretrain_args(images, tmp_path / "run", "data.batch_size=4", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
+    fsdp = ("data.batch_size=4", "trainer.strategy=fsdp", "trainer.accelerator=cpu")
+    args = pretrain_args(images, tmp_path / "run", *fsdp)
     with pytest.raises(RecipeError, match="trainer: The strategy `fsdp` requires a GPU"):
         run(load_recipe("pretrain", args))
 

@@ -156,7 +156,7 @@ def test_fine_tuning_stopped_by_max_steps_resumes_exactly(folders, whole_run, tm
 
 
 def test_float32_fine_tuning_resumes_exactly(folders, tmp_path):
-    """The same in float32, where the linear layers run on oneDNN (simmim.models.ops): bit-identical losses."""
+    """The same in float32, where the linear layers run on oneDNN (simmim.kernels.linear): bit-identical losses."""
     fp32 = ("trainer.precision=32",)
     run(load_recipe("finetune", resume_args(folders, tmp_path / "whole", *fp32)))
     run(load_recipe("finetune", resume_args(folders, tmp_path / "pieces", *fp32, "trainer.max_steps=5")))

@@ -9,8 +9,8 @@ from conftest import quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.eval import extract_features, knn_accuracy, knn_predict
+from simmim.models import create_model
 from simmim.models.simmim import build_simmim
-from simmim.models.swinv2 import create_model
 from simmim.training.callbacks import KNNMonitor
 
 

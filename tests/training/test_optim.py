@@ -4,8 +4,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from simmim.models import create_model
 from simmim.models.simmim import build_simmim
-from simmim.models.swinv2 import create_model
 from simmim.training.optim import (
     LRSchedule,
     build_optimizer,

@@ -8,8 +8,8 @@ from conftest import quiet_trainer
 from PIL import Image
 
 from simmim import visualize as V
+from simmim.models.attention import WindowAttention
 from simmim.models.simmim import SimMIM, build_simmim
-from simmim.models.swinv2 import WindowAttention
 
 IMG = 32
 

@@ -1,4 +1,5 @@
-"""SwinV2 encoder: equivalence with timm in float64, memory savers, padding without leaks, transfer, bf16."""
+"""SwinV2 encoder: equivalence with timm in float64, memory savers, padding without leaks, transfer, bf16,
+stages of any number and layer ids."""
 
 import math
 
@@ -7,52 +8,14 @@ import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block as TimmBlock
 
-import simmim.models.swinv2 as swinv2
+from simmim import runtime
+from simmim.models import SwinTransformerV2, create_model
+from simmim.models.attention import LOG_MAX_SCALE
 from simmim.models.convert import official_to_timm
-from simmim.models.swinv2 import (
-    LOG_MAX_SCALE,
-    MODEL_CONFIGS,
-    DropPath,
-    SwinTransformerBlock,
-    SwinTransformerV2,
-    _cosine_window_attention_backward,
-    _sdpa_attention,
-    cosine_window_attention,
-    create_model,
-    swin_layer_id,
-)
+from simmim.models.layers import DropPath
+from simmim.models.swinv2 import SwinTransformerBlock
 
-TINY = dict(patch_size=4, embed_dim=16, num_heads=(2, 2, 4, 4), num_classes=5, drop_path_rate=0.0)
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights: the zero-initialised post-norms, q/v biases and logit scales (some above the
-    log(100) clamp) get random values, so every term of the attention and every branch matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "logit_scale" in name:
-                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 5 + 1)
-            elif "norm" in name or "q_bias" in name or "v_bias" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + ("weight" in name))
-    return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-def forward_backward(model, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output, and the gradient of a random projection of it w.r.t. the input (parameter grads accumulate)."""
-    x = x.clone().requires_grad_(True)
-    y = model(x)
-    (y * w).sum().backward()
-    return y.detach(), x.grad
-
+from .common import TINY, forward_backward, grads, randomise, rel_err
 
 # (img_size, window, depths, pretrained_window_sizes): shifted stages, windows clipped to the stage (8 -> 4 -> 2),
 # pretrained windows smaller and larger than the current ones.
@@ -196,23 +159,6 @@ def test_fresh_blocks_are_identities_and_stochastic_depth():
     assert torch.equal(drop.eval()(out), out)
 
 
-def test_eval_position_bias_cache_follows_weight_updates():
-    torch.manual_seed(0)
-    model = randomise(create_model("swinv2_nano", img_size=32)).eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        y1 = model(x)
-        assert torch.equal(model(x), y1)
-        for m in model.modules():
-            if hasattr(m, "cpb_mlp"):
-                m.cpb_mlp[2].weight.mul_(3.0)
-        y2 = model(x)
-    fresh = create_model("swinv2_nano", img_size=32).eval()
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert not torch.allclose(y1, y2) and torch.equal(y2, fresh(x))
-
-
 def test_bfloat16_autocast_is_as_accurate_as_timm():
     """Under CPU bf16 autocast the features stay within about timm's bf16 error of the float32 result; gradients
     are finite. (Norms, temperature and softmax accumulate in float32.)"""
@@ -239,87 +185,66 @@ def test_bfloat16_autocast_is_as_accurate_as_timm():
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_attention_op_registration(dtype):
-    """The custom op's fake kernels, schema and autograd registration agree with its real outputs (what
-    torch.compile relies on), for float32 and for bfloat16 inputs with a float32 bias (autocast)."""
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(6, 9, 24, generator=g).to(dtype).requires_grad_(True)
-    scale = (torch.rand(2, 1, 1, generator=g) * 20).requires_grad_(True)
-    bias = torch.randn(6, 9, 9, generator=g).requires_grad_(True)
-    torch.library.opcheck(cosine_window_attention, (qkv, scale, bias))
+def test_reference_path_equals_the_kernels_in_float64():
+    """The attention as written out in WindowAttention.attend (what runs under runtime.reference_kernels, e.g. for
+    ONNX export) gives the model the fused CPU kernels give it, outputs and gradients."""
+    kw = dict(TINY, img_size=52, window_size=4, depths=(2, 2, 2, 1))
+    torch.manual_seed(0)
+    fused = randomise(SwinTransformerV2(**kw)).double()
+    plain = SwinTransformerV2(**kw).double()
+    plain.load_state_dict(fused.state_dict())
+    x, w = torch.randn(2, 3, 52, 52, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    with runtime.overridden(cpu_attention=True):
+        y0, gx0 = forward_backward(fused, x, w)
+    with runtime.reference_kernels():
+        y1, gx1 = forward_backward(plain, x, w)
+    assert rel_err(y1, y0) <= 1e-12 and rel_err(gx1, gx0) <= 1e-12
+    g0 = grads(fused)
+    for name, g in grads(plain).items():
+        assert rel_err(g, g0[name]) <= 1e-12, name
+
+
+def test_every_linear_layer_is_a_module_call():
+    """Forward hooks see every projection (qkv, proj, fc1, fc2, reduction, the Log-CPB MLP and the head), and an
+    adapter that wraps nn.Linear modules (as LoRA does) changes the output through each of them."""
+    torch.manual_seed(0)
+    model = randomise(create_model("swinv2_nano", img_size=32, num_classes=3)).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = {n.rsplit(".", 1)[-1] for n in linears}
+    assert {"qkv", "proj", "fc1", "fc2", "reduction", "head"} <= names
+    called = set()
+    for name, m in linears.items():
+        m.register_forward_hook(lambda m, args, out, name=name: called.add(name))
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        out, heads, norms, attn = cosine_window_attention(qkv, scale, bias)
-    torch.library.opcheck(
-        _cosine_window_attention_backward, (torch.randn_like(out), heads, scale.detach(), norms, attn)
-    )
+        before = model(x)
+    assert called == set(linears)
+
+    class LowRank(torch.nn.Module):  # a LoRA-style wrapper: base(x) + B(A(x))
+        def __init__(self, base: torch.nn.Linear) -> None:
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Linear(base.in_features, 2, bias=False)
+            self.b = torch.nn.Linear(2, base.out_features, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + self.b(self.a(x))
+
+    attn = model.layers[0].blocks[0].attn
+    attn.qkv = LowRank(attn.qkv)
+    with torch.no_grad():
+        attn.qkv.b.weight.zero_()  # as LoRA starts: the wrapped model is the model
+        assert torch.equal(model(x), before)
+        attn.qkv.b.weight.fill_(0.1)
+        assert not torch.allclose(model(x), before)
 
 
-def test_configs_layer_ids_and_errors():
-    assert {"swinv2_tiny", "swinv2_base", "swinv2_giant", "swinv2_nano"} <= set(MODEL_CONFIGS)
-    model = create_model("swinv2_tiny", img_size=192, window_size=12, num_classes=0)
-    assert model.num_features == 768 and model.num_lr_layers == 14
-    wins = [blk.window_size[0] for layer in model.layers for blk in layer.blocks]
-    assert wins == [12] * 10 + [6] * 2  # stage 3 (6x6 tokens) clipped to 6, as officially
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(27.6e6, rel=0.02)
-    depths = (2, 2, 6, 2)
-    assert swin_layer_id("encoder.mask_token", depths) == 0
-    assert swin_layer_id("layers.1.blocks.1.attn.qkv.weight", depths) == 4
-    assert swin_layer_id("layers.1.downsample.reduction.weight", depths) == 4
-    assert swin_layer_id("norm.weight", depths) == 13
-    assert {"cpb_mlp", "logit_scale"} <= model.no_weight_decay_keywords()
-    with pytest.raises(ValueError, match="unknown model 'swinv2_tinyy'"):
-        create_model("swinv2_tinyy")
-    with pytest.raises(TypeError, match="unknown arguments: \\['windw_size'\\]"):
-        create_model("swinv2_nano", windw_size=4)
-    with pytest.raises(ValueError, match="pretrained_window_sizes"):
-        create_model("swinv2_nano", pretrained_window_sizes=(4, 4))
-    with pytest.raises(ValueError, match="too small for 4 stages"):
-        create_model("swinv2_nano", img_size=16)
-
-
-@pytest.mark.parametrize("groups", [3, 1])
-def test_cpu_attention_function_matches_sdpa_formulation(groups):
-    """The hand-written CPU attention (forward and backward) equals the autograd + SDPA path used elsewhere, for a
-    bias per window of an image (groups=3) and one bias shared by all windows (groups=1, unshifted blocks)."""
-    g = torch.Generator().manual_seed(0)
-    bw, n, nh, hd = 6, 9, 2, 4  # 2 images of 3 windows
-    qkv = torch.randn(bw, n, 3 * nh * hd, generator=g, dtype=torch.float64)
-    scale = torch.rand(nh, 1, 1, generator=g, dtype=torch.float64) * 20
-    bias = torch.randn(groups * nh, n, n, generator=g, dtype=torch.float64)
-    bias[:, :, -2:] = -100.0  # some masked keys
-    w = torch.randn(bw, n, nh * hd, generator=g, dtype=torch.float64)
-    results = []
-    for fn in (lambda *a: cosine_window_attention(*a)[0], lambda *a: _sdpa_attention(*a, 0.0)):
-        inputs = [t.clone().requires_grad_(True) for t in (qkv, scale, bias)]
-        out = fn(*inputs)
-        results.append([out, *torch.autograd.grad((out * w).sum(), inputs)])
-    for a, b in zip(*results):
-        assert rel_err(a, b) <= 1e-12
-    if groups == 1:  # the shared bias gives what the same bias tiled per window gives
-        tiled = bias.repeat(3, 1, 1).requires_grad_(True)
-        out = cosine_window_attention(qkv, scale, tiled)[0]
-        assert rel_err(out, results[0][0]) <= 1e-12
-        grad = torch.autograd.grad((out * w).sum(), tiled)[0]
-        assert rel_err(grad.view(3, nh, n, n).sum(0), results[0][3]) <= 1e-12
-
-
-@pytest.mark.parametrize("n,hd", [(9, 24), (16, 32), (36, 24), (36, 32)])
-def test_cpu_attention_bfloat16_matches_float64(monkeypatch, n, hd):
-    """bfloat16 q, k, v with a float32 bias (autocast) through the op, in small chunks, agree with float64 within
-    bfloat16 rounding, on every path: rows under 32 keys (softmax backward via float32) or not, heads under 32
-    channels (per-row factors written out) or not."""
-    monkeypatch.setattr(swinv2, "_SOFTMAX_CHUNK_BYTES", 8 * n * n)  # several chunks in forward and backward
-    g = torch.Generator().manual_seed(0)
-    bw, nh = 6, 2
-    qkv = torch.randn(bw, n, 3 * nh * hd, generator=g).bfloat16()
-    scale = torch.rand(nh, 1, 1, generator=g) * 20 + 1
-    bias = torch.randn(3 * nh, n, n, generator=g) * 4
-    w = torch.randn(bw, n, nh * hd, generator=g)
-    results = []
-    for fn, dtype in ((lambda *a: cosine_window_attention(*a)[0], None), (_sdpa_attention, torch.float64)):
-        inputs = [(t if dtype is None else t.to(dtype)).clone().requires_grad_(True) for t in (qkv, scale, bias)]
-        out = fn(*inputs) if dtype is None else fn(*inputs, 0.0)
-        results.append([out, *torch.autograd.grad((out * w.to(out.dtype)).sum(), inputs)])
-    for name, a, b in zip(("out", "qkv", "scale", "bias"), *results):
-        assert rel_err(a.double(), b) <= 3e-2, name  # observed up to 1.8e-2
+def test_fewer_stages_with_the_official_default_pretrained_windows():
+    """pretrained_window_sizes defaults to the official [0, 0, 0, 0], which also serves models of fewer stages; a
+    list too short for the stages, or one naming windows for stages the model does not have, is refused."""
+    model = SwinTransformerV2(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    assert model.pretrained_window_sizes == (0, 0) and model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    assert SwinTransformerV2(img_size=32, depths=(2,), num_heads=(2,), pretrained_window_sizes=[4, 0, 0, 0])
+    for bad in ((4,), (4, 4, 4)):
+        with pytest.raises(ValueError, match="pretrained_window_sizes"):
+            SwinTransformerV2(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), pretrained_window_sizes=bad)

@@ -1,4 +1,5 @@
-"""simmim.models.ops.linear (float32 through oneDNN on CPU) against F.linear: outputs, gradients, fallbacks."""
+"""simmim.kernels.linear: float32 through oneDNN on CPU against F.linear (outputs, gradients, fallbacks), and the
+Linear module wrappers and hooks see."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.backends.common import aot_autograd
 
 from simmim import runtime
-from simmim.models.ops import linear, onednn_linear
+from simmim.kernels import Linear, linear, onednn_linear, plain_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN (mkldnn)")
 
@@ -38,7 +39,7 @@ def test_float32_matches_f_linear(shape, out_features, with_bias):
 
 
 def test_other_dtypes_autocast_and_the_switch_take_f_linear():
-    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(5, 8)
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(24, 16)
     with runtime.overridden(onednn_linear=True):
         assert linear(x, w).grad_fn.name() == "_OneDNNLinearBackward"
         with runtime.reference_kernels():
@@ -49,6 +50,11 @@ def test_other_dtypes_autocast_and_the_switch_take_f_linear():
     assert out.dtype == torch.bfloat16 and out.grad_fn.name() == "MmBackward0"
     with runtime.overridden(onednn_linear=False):
         assert linear(x, w).grad_fn.name() == "MmBackward0"
+    # layers of fewer than NARROW outputs stay on F.linear; of fewer inputs take the weight gradient's fast orientation
+    with runtime.overridden(onednn_linear=True):
+        assert linear(x, w[:5]).grad_fn.name() == "MmBackward0"
+        narrow = linear(x[:, :2], w[:, :2].clone().requires_grad_())
+        assert narrow.grad_fn.name() == "_NarrowLinearBackward"
 
 
 @pytest.mark.slow
@@ -88,3 +94,50 @@ def test_strided_inputs_and_gradients():
         results.append((out, leaf.grad, weight.grad))
     for a, r in zip(*results):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_module_is_an_nn_linear_with_the_kernel_inside():
+    """Linear keeps nn.Linear's parameters, keys and isinstance (so wrappers and hooks find it), runs the kernel,
+    takes in-place ops after it (nn.ReLU(inplace=True)), and plain_linears hands exact-type tools an nn.Linear."""
+    torch.manual_seed(0)
+    layer = Linear(8, 5)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with runtime.overridden(onednn_linear=True):
+        out = torch.nn.ReLU(inplace=True)(layer(x))
+        out.sum().backward()
+    assert seen == [(2, 3, 5)]
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias).relu())
+    torch.testing.assert_close(x.grad, ((F.linear(x, layer.weight, layer.bias) > 0).float() @ layer.weight))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    assert plain_linears(model) is model and type(model[0]) is torch.nn.Linear
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(quantized[0]).__name__ == "Linear" and type(quantized[0]) is not torch.nn.Linear
+
+
+def test_tensor_subclass_weights_take_f_linear():
+    """Weights that are tensor subclasses (quantised, sharded, ...) go to F.linear, which dispatches on them."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x, w = torch.randn(3, 8), torch.randn(5, 8).as_subclass(Tagged)
+    with runtime.overridden(onednn_linear=True):
+        assert isinstance(linear(x, w), Tagged)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_narrow_layers_match_f_linear(onednn):
+    """The Log-CPB MLP's shapes (2 inputs -> 512, 512 -> 3 outputs) on every route: same outputs and gradients."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((529, 2), (529, 512)):
+        x = torch.randn(shape, generator=g)
+        w, b = torch.randn(512 if shape[1] == 2 else 3, shape[1], generator=g), None
+        with runtime.overridden(onednn_linear=onednn):
+            got, got_grads = _grads(linear, x, w, b)
+        ref, ref_grads = _grads(F.linear, x.double(), w.double(), None)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(got_grads, ref_grads):
+            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4)
