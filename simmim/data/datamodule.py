@@ -27,10 +27,10 @@ from simmim.data.transforms import (
     EVAL_RESIZE_RATIO,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PretrainTransform,
     SampleTransform,
     eval_transform,
     finetune_transform,
-    pretrain_transform,
 )
 from simmim.masking import MaskGenerator
 
@@ -201,9 +201,7 @@ class PretrainDataModule(_DataModule):
                 "null / 0"
             )
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
-        self.transform = SampleTransform(
-            pretrain_transform(img_size, crop_scale, crop_ratio, mean, std), self.mask_generator
-        )
+        self.transform = PretrainTransform(img_size, crop_scale, crop_ratio, mean, std, self.mask_generator)
         self.source = build_source(_train_folder(root, source), source)
         self.val_source = None if val_root is None else build_source(val_root, source, train=False)
         self.train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)

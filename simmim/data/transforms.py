@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise queries PyPI on import
 
@@ -27,6 +28,7 @@ from simmim.masking import MaskGenerator  # noqa: E402
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PretrainTransform",
     "RandomErasing",
     "SampleTransform",
     "eval_transform",
@@ -208,24 +210,113 @@ def eval_transform(
 
 
 class SampleTransform:
-    """PIL RGB image + per-sample seed -> ``{"image": float32 [3,H,W]}`` (+ ``"mask"`` int64 when masking).
+    """PIL RGB image (or H x W x 3 uint8 array) + per-sample seed -> ``{"image": float32 [3,H,W]}`` (+ ``"mask"``
+    int64 when masking).
 
     ``augment`` is an albumentations pipeline ending in ``ToTensorV2`` (CHW tensor); ``mask_generator``
     (pretraining) draws the SimMIM mask from its own child of the seed, so masks do not depend on which
-    augmentations ran.
+    augmentations ran. :meth:`decode_hint` may let the decoder return a smaller image (see :class:`PretrainTransform`);
+    this class decodes everything at full size.
     """
 
     def __init__(self, augment: A.Compose, mask_generator: MaskGenerator | None = None) -> None:
         self.augment = augment
         self.mask_generator = mask_generator
 
-    def __call__(self, image: Image.Image, seed: np.random.SeedSequence) -> dict[str, torch.Tensor]:
-        aug_seed, mask_seed = (np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, k)) for k in (0, 1))
-        seed_transform(self.augment, aug_seed)
-        out = {"image": self.augment(image=np.asarray(image))["image"]}
+    def decode_hint(self, seed: np.random.SeedSequence) -> Callable[[int, int], tuple[int, int]] | None:
+        """(full width, height) -> the smallest decoded size that leaves this sample's augmentation the same apart
+        from resampling; None: decode at full size."""
+        return None
+
+    def __call__(
+        self, image: Image.Image | np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``full_size``: (width, height) of the image at full resolution when ``image`` was decoded smaller."""
+        aug_seed, mask_seed = _children(seed)
+        out = {"image": self._augment(np.asarray(image), aug_seed, full_size)}
         if self.mask_generator is not None:
             out["mask"] = torch.from_numpy(self.mask_generator(np.random.default_rng(mask_seed)))
         return out
 
+    def _augment(
+        self, image: np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        seed_transform(self.augment, seed)
+        return self.augment(image=image)["image"]
+
     def __repr__(self) -> str:
-        return f"SampleTransform({self.augment!r}, mask_generator={self.mask_generator!r})"
+        return f"{type(self).__name__}({self.augment!r}, mask_generator={self.mask_generator!r})"
+
+
+def _children(seed: np.random.SeedSequence) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """The augmentation's and the mask's seeds: children 0 and 1 of the sample's seed."""
+    return tuple(np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, k)) for k in (0, 1))
+
+
+class PretrainTransform(SampleTransform):
+    """:func:`pretrain_transform` (RandomResizedCrop, flip, normalise) with the same crop box, flip and pixels for
+    a seed, done in fewer and cheaper steps, and able to work on an image decoded smaller than its full size.
+
+    The albumentations nodes still draw every random parameter (each from the generator ``seed_transform`` would
+    give it), so the augmentation distribution is albumentations' by construction; this class only executes them:
+    crop + resize with albumentations' interpolation rule, flip, and one 3-channel lookup table for the
+    normalisation (the table is the reference ``Normalize`` applied to every byte value, so values are identical).
+
+    :meth:`decode_hint` draws the crop from the full image size before the image is decoded: when the crop is at
+    least twice the output size, a JPEG can be decoded at 1/2, 1/4 or 1/8 scale (DCT-domain reduction) and the
+    crop taken from that instead. The crop box then moves by at most half a reduced pixel, and the DCT reduction
+    replaces part of the area-averaging downscale: the output differs by resampling noise only (tested). At full
+    size the output is identical to ``pretrain_transform``'s.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 192,
+        crop_scale: tuple[float, float] = (0.67, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        mask_generator: MaskGenerator | None = None,
+    ) -> None:
+        super().__init__(pretrain_transform(img_size, crop_scale, crop_ratio, mean, std), mask_generator)
+        nodes = _nodes(self.augment)
+        self._crop, self._flip, normalize = nodes[1], nodes[2], nodes[3]
+        self._crop_node, self._flip_node, self._count = 1, 2, len(nodes)  # positions in seed_transform's order
+        ramp = np.arange(256, dtype=np.uint8).reshape(256, 1, 1).repeat(3, axis=2)
+        self._lut = np.ascontiguousarray(normalize(image=ramp)["image"], dtype=np.float32)  # [256, 1, 3]
+        self.size = (img_size, img_size)
+
+    def _crop_box(self, seed: np.random.SeedSequence, width: int, height: int) -> tuple[int, int, int, int]:
+        """(x1, y1, x2, y2) on the full-size image: the RandomResizedCrop node's draw for this seed."""
+        state = seed.generate_state(self._count)[self._crop_node]
+        self._crop.py_random = random.Random(int(state))  # what set_random_seed gives it (its numpy one is unused)
+        return self._crop.get_params_dependent_on_data({"shape": (height, width)}, {})["crop_coords"]
+
+    def decode_hint(self, seed: np.random.SeedSequence) -> Callable[[int, int], tuple[int, int]]:
+        aug_seed = _children(seed)[0]
+        out_h, out_w = self.size
+
+        def min_size(width: int, height: int) -> tuple[int, int]:
+            x1, y1, x2, y2 = self._crop_box(aug_seed, width, height)
+            # the reduced crop must keep at least the output size (+1 px for rounding its edges): only downscaling
+            return math.ceil(width * (out_w + 1) / (x2 - x1)), math.ceil(height * (out_h + 1) / (y2 - y1))
+
+        return min_size
+
+    def _augment(
+        self, image: np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        height, width = image.shape[:2]
+        full_w, full_h = full_size or (width, height)
+        x1, y1, x2, y2 = self._crop_box(seed, full_w, full_h)
+        interpolation = self._crop._get_interpolation_for_resize((y2 - y1, x2 - x1), "image")
+        if (width, height) != (full_w, full_h):  # decoded at 1/k: the same box in reduced pixels
+            sx, sy = width / full_w, height / full_h
+            x1, x2 = round(x1 * sx), min(max(round(x2 * sx), round(x1 * sx) + 1), width)
+            y1, y2 = round(y1 * sy), min(max(round(y2 * sy), round(y1 * sy) + 1), height)
+        out = cv2.resize(image[y1:y2, x1:x2], self.size[::-1], interpolation=interpolation)
+        state = seed.generate_state(self._count)[self._flip_node]
+        self._flip.py_random = random.Random(int(state))
+        if self._flip.should_apply():
+            out = cv2.flip(out, 1)
+        return torch.from_numpy(cv2.LUT(out, self._lut).transpose(2, 0, 1))
