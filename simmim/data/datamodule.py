@@ -7,6 +7,11 @@ unlabelled) and, for pretraining, ``mask`` int64 [B,H/p,W/p] (1 = masked, p = mo
 ``batch_size`` is per process (the official code's total batch is batch_size x world size). Sources are scanned in
 the constructor, so a wrong or empty root fails before any model is built. The training sampler (an
 ``EpochSampler``, created in ``setup``) shards across ranks itself: use ``Trainer(use_distributed_sampler=False)``.
+
+Shards (``source="shards"``, or ``auto`` for a URL or a folder holding ``manifest.json``; see ``simmim.data.shards``)
+train with the sampler's shard-aware order (``shard_window`` shards mixed at a time per rank); from a URL they are
+cached in ``cache_dir`` within ``cache_limit`` and downloaded ahead of the workers. ``listing_cache``: a folder (the
+run folder) where folder listings are kept, so a resume or another rank does not scan the tree again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from simmim.data.datasets import DataError, FashionMNIST, SampleDataset, build_source, detect_source
 from simmim.data.sampler import EpochSampler
+from simmim.data.shards import ShardPrefetcher, is_shard_root, is_url, split_root
 from simmim.data.transforms import (
     EVAL_RESIZE_RATIO,
     IMAGENET_MEAN,
@@ -90,11 +96,17 @@ class _DataModule(pl.LightningDataModule):
         max_bad_files: int,
         rank: int | None,
         world_size: int | None,
+        listing_cache: Root = None,
+        cache_dir: Root = None,
+        cache_limit: str | int = "20GB",
+        shard_window: int = 4,
     ) -> None:
         super().__init__()
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.seed, self.max_bad_files = seed, max_bad_files
         self.rank, self.world_size = rank, world_size
+        self.listing_cache, self.shard_window = listing_cache, shard_window
+        self.shard_options = {"cache_dir": cache_dir, "cache_limit": cache_limit, "open_shards": shard_window + 2}
         self.train_set: SampleDataset | None = None
         self.val_set: SampleDataset | None = None
         self.train_sampler: EpochSampler | None = None
@@ -104,10 +116,15 @@ class _DataModule(pl.LightningDataModule):
     def _dataset(self, source, transform, indices=None, fixed_epoch: int | None = None) -> SampleDataset:
         return SampleDataset(source, transform, self.seed, indices, self.max_bad_files, fixed_epoch)
 
+    def _build(self, root: Root, source: str, train: bool = True):
+        """``build_source`` with this module's listing cache and shard cache settings."""
+        return build_source(root, source, train, self.listing_cache, self.shard_options)
+
     def _sampler(self, dataset: SampleDataset, train: bool) -> EpochSampler:
         trainer = self.trainer
         rank = self.rank if self.rank is not None or trainer is None else trainer.global_rank
         world_size = self.world_size if self.world_size is not None or trainer is None else trainer.world_size
+        shards = train and hasattr(dataset.source, "group_sizes")
         return EpochSampler(
             len(dataset),
             self.batch_size,
@@ -117,6 +134,8 @@ class _DataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             size_notes=self.size_notes if train else (),
+            groups=dataset.source.group_sizes(dataset.indices) if shards else None,
+            window=self.shard_window,
         )
 
     def _loader(self, dataset: SampleDataset | None, sampler: EpochSampler | None = None) -> DataLoader | list:
@@ -130,6 +149,8 @@ class _DataModule(pl.LightningDataModule):
             # condition variables with waiters that do not exist. One OpenCV thread here leaves no pool to copy;
             # this process does little OpenCV work once workers load the data.
             cv2.setNumThreads(1)
+        if getattr(dataset.source, "cache", None) is not None and sampler.shuffle:
+            sampler = _Prefetching(sampler, dataset, self.shard_window)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -188,8 +209,15 @@ class PretrainDataModule(_DataModule):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        listing_cache: Root = None,
+        cache_dir: Root = None,
+        cache_limit: str | int = "20GB",
+        shard_window: int = 4,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
+        super().__init__(
+            batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size,
+            listing_cache, cache_dir, cache_limit, shard_window,
+        )  # fmt: skip
         self.save_hyperparameters()
         if str(val_root) == "auto":
             val_root = _val_folder(root, source)
@@ -202,8 +230,8 @@ class PretrainDataModule(_DataModule):
             )
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.transform = PretrainTransform(img_size, crop_scale, crop_ratio, mean, std, self.mask_generator)
-        self.source = build_source(_train_folder(root, source), source)
-        self.val_source = None if val_root is None else build_source(val_root, source, train=False)
+        self.source = self._build(_train_folder(root, source), source)
+        self.val_source = None if val_root is None else self._build(val_root, source, train=False)
         self.train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
         check_split(len(self.source), val_fraction)
         if val_fraction:
@@ -257,8 +285,15 @@ class ClassificationDataModule(_DataModule):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        listing_cache: Root = None,
+        cache_dir: Root = None,
+        cache_limit: str | int = "20GB",
+        shard_window: int = 4,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
+        super().__init__(
+            batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size,
+            listing_cache, cache_dir, cache_limit, shard_window,
+        )  # fmt: skip
         self.save_hyperparameters()
         self.train_transform = SampleTransform(
             finetune_transform(
@@ -275,11 +310,11 @@ class ClassificationDataModule(_DataModule):
             test = FashionMNIST(folder, train=False)
             self.val_source, self.test_source = (None, test) if val_fraction else (test, test)
         else:
-            self.source = build_source(train_root or _train_folder(root, source), source)
+            self.source = self._build(train_root or _train_folder(root, source), source)
             val_root = val_root or _subfolder(root, "val")
-            self.val_source = None if val_root is None else build_source(val_root, source)
+            self.val_source = None if val_root is None else self._build(val_root, source)
             test_root = test_root or _subfolder(root, "test")
-            self.test_source = self.val_source if test_root is None else build_source(test_root, source)
+            self.test_source = self.val_source if test_root is None else self._build(test_root, source)
             if self.val_source is not None and val_fraction:
                 raise ValueError(f"give a validation folder ({val_root}) or val_fraction ({val_fraction}), not both")
             if self.val_source is None and not val_fraction:
@@ -332,7 +367,10 @@ class ClassificationDataModule(_DataModule):
         return self._loader(self._dataset(self.source, self.eval_transform, self.train_indices))
 
 
-def _subfolder(root: Root, name: str) -> Path | None:
+def _subfolder(root: Root, name: str) -> Path | str | None:
+    """``root/name`` when it is a folder (or, for a URL root, when it holds shards)."""
+    if root is not None and is_url(root):
+        return split_root(root, name)
     if root is None or not Path(root).is_dir() or not (Path(root) / name).is_dir():
         return None
     return Path(root) / name
@@ -344,13 +382,38 @@ def _held_out(val_fraction: float, n_val: int, size: int) -> tuple[str, str]:
 
 def _val_folder(root: Root, source: str) -> Path | None:
     """``root/val`` when the root has the ImageNet layout (``train`` and ``val``) that ``_train_folder`` follows."""
-    if source in ("auto", "folder", "imagefolder") and _subfolder(root, "train") is not None:
+    if source in ("auto", "folder", "imagefolder", "shards") and _subfolder(root, "train") is not None:
         return _subfolder(root, "val")
     return None
 
 
 def _train_folder(root: Root, source: str) -> Root:
     """``root/train`` when an ImageFolder-style root holds one (ImageNet layout), else ``root``."""
-    if source in ("auto", "folder", "imagefolder"):
+    if source in ("auto", "folder", "imagefolder", "shards"):
+        if source == "shards" and root is not None and is_shard_root(root):
+            return root  # the manifest is here: this is the set, whatever subfolders it has
         return _subfolder(root, "train") or root
     return root
+
+
+class _Prefetching(torch.utils.data.Sampler):
+    """The training sampler, with the shards its epoch will read downloaded ahead in this process (a background
+    thread, ``ShardPrefetcher``); ``set_epoch`` and length pass through, and resume state stays in the
+    ``EpochSampler`` (the data module's ``train_sampler``)."""
+
+    def __init__(self, sampler: EpochSampler, dataset: SampleDataset, window: int) -> None:
+        self.sampler, self.dataset = sampler, dataset
+        self.drop_last, self.shuffle = sampler.drop_last, sampler.shuffle
+        self.prefetcher = ShardPrefetcher(dataset.source, ahead=window)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        positions = np.fromiter((k[0] for k in keys), np.int64, len(keys))
+        shards = self.dataset.source.shard_of(self.dataset.indices[positions])
+        return self.prefetcher.follow(keys, shards)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -72,7 +72,7 @@ def open_image(
         with warnings.catch_warnings():
             # our max_pixels check below decides; PIL's warning would only duplicate it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path if data is None else io.BytesIO(data)) as img:
+            with Image.open(path if data is None else _NamedBytes(data, path)) as img:
                 if max_pixels is not None and img.width * img.height > max_pixels:
                     raise BadImageError(
                         path, f"{img.width}x{img.height} pixels exceeds max_pixels={max_pixels} (decompression bomb?)"
@@ -86,6 +86,17 @@ def open_image(
         empty = len(data) == 0 if data is not None else path.is_file() and path.stat().st_size == 0
         reason = "empty file" if empty else f"{type(err).__name__}: {err}"
         raise BadImageError(path, reason) from err
+
+
+class _NamedBytes(io.BytesIO):
+    """In-memory file bytes whose repr is their name: PIL's messages then read as for a file on disk."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def __repr__(self) -> str:
+        return repr(self._name)
 
 
 def decode_image(
