@@ -263,10 +263,11 @@ class PretrainTransform(SampleTransform):
     normalisation (the table is the reference ``Normalize`` applied to every byte value, so values are identical).
 
     :meth:`decode_hint` draws the crop from the full image size before the image is decoded: when the crop is at
-    least twice the output size, a JPEG can be decoded at 1/2, 1/4 or 1/8 scale (DCT-domain reduction) and the
-    crop taken from that instead. The crop box then moves by at most half a reduced pixel, and the DCT reduction
-    replaces part of the area-averaging downscale: the output differs by resampling noise only (tested). At full
-    size the output is identical to ``pretrain_transform``'s.
+    least 4x the output size, a JPEG can be decoded at 1/2 (8x: 1/4, 16x: 1/8) scale in the DCT domain and the crop
+    taken from that, still at least twice the output size. The box then moves by at most half a reduced pixel
+    (<= 1/4 output pixel) and the DCT reduction does part of the area-averaging downscale: the output differs by
+    less than swapping OpenCV's area resize for PIL's antialiased bilinear one (the official code's) does (tested).
+    At full size the output is identical to ``pretrain_transform``'s.
     """
 
     def __init__(
@@ -298,8 +299,9 @@ class PretrainTransform(SampleTransform):
 
         def min_size(width: int, height: int) -> tuple[int, int]:
             x1, y1, x2, y2 = self._crop_box(aug_seed, width, height)
-            # the reduced crop must keep at least the output size (+1 px for rounding its edges): only downscaling
-            return math.ceil(width * (out_w + 1) / (x2 - x1)), math.ceil(height * (out_h + 1) / (y2 - y1))
+            # the reduced crop keeps at least twice the output size, so the area downscale after it still averages
+            # 2x2+ pixels per output pixel and rounding the box to reduced pixels moves it by <= 1/4 output pixel
+            return math.ceil(width * 2 * out_w / (x2 - x1)), math.ceil(height * 2 * out_h / (y2 - y1))
 
         return min_size
 
@@ -310,13 +312,31 @@ class PretrainTransform(SampleTransform):
         full_w, full_h = full_size or (width, height)
         x1, y1, x2, y2 = self._crop_box(seed, full_w, full_h)
         interpolation = self._crop._get_interpolation_for_resize((y2 - y1, x2 - x1), "image")
-        if (width, height) != (full_w, full_h):  # decoded at 1/k: the same box in reduced pixels
-            sx, sy = width / full_w, height / full_h
-            x1, x2 = round(x1 * sx), min(max(round(x2 * sx), round(x1 * sx) + 1), width)
-            y1, y2 = round(y1 * sy), min(max(round(y2 * sy), round(y1 * sy) + 1), height)
-        out = cv2.resize(image[y1:y2, x1:x2], self.size[::-1], interpolation=interpolation)
+        if (width, height) == (full_w, full_h):
+            out = cv2.resize(image[y1:y2, x1:x2], self.size[::-1], interpolation=interpolation)
+        else:
+            out = self._reduced_crop(image, round(full_w / width), (x1, y1, x2, y2), interpolation)
         state = seed.generate_state(self._count)[self._flip_node]
         self._flip.py_random = random.Random(int(state))
         if self._flip.should_apply():
             out = cv2.flip(out, 1)
         return torch.from_numpy(cv2.LUT(out, self._lut).transpose(2, 0, 1))
+
+    def _reduced_crop(self, image: np.ndarray, k: int, box: tuple[int, ...], interpolation: int) -> np.ndarray:
+        """The full-size crop ``box`` resized to the output, taken from ``image`` decoded at 1/k: the box rounded to
+        reduced pixels is resized, then shifted and scaled by its rounding error (a bilinear warp of the small
+        output), so output pixels sample the same places as at full size."""
+        out_h, out_w = self.size
+        left, top, right, bottom = (v / k for v in box)  # the exact box in reduced pixels
+        x1, x2 = round(left), min(max(round(right), round(left) + 1), image.shape[1])
+        y1, y2 = round(top), min(max(round(bottom), round(top) + 1), image.shape[0])
+        out = cv2.resize(image[y1:y2, x1:x2], (out_w, out_h), interpolation=interpolation)
+        sx, sy = (right - left) / (x2 - x1), (bottom - top) / (y2 - y1)  # output pixel i lies at sx * i + shift
+        warp = np.float32(
+            [
+                [sx, 0, (left - x1) * out_w / (x2 - x1) + 0.5 * sx - 0.5],
+                [0, sy, (top - y1) * out_h / (y2 - y1) + 0.5 * sy - 0.5],
+            ]
+        )
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        return cv2.warpAffine(out, warp, (out_w, out_h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
