@@ -17,6 +17,7 @@ run folder) where folder listings are kept, so a resume or another rank does not
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,9 +151,15 @@ class _DataModule(pl.LightningDataModule):
             # this process does little OpenCV work once workers load the data.
             cv2.setNumThreads(1)
         if getattr(dataset.source, "cache", None) is not None and sampler.shuffle:
+            _check_cache_size(dataset.source, self.shard_window)
             sampler = _Prefetching(sampler, dataset, self.shard_window)
-        return DataLoader(
+        loader, extra = DataLoader, {}
+        if hasattr(dataset.transform, "raw"):  # 8-bit images cross from the workers, normalised per batch
+            loader, extra = _NormalisingLoader, {"on_device": self._trainer_device() not in (None, "cpu")}
+            dataset = _RawBatches(dataset)
+        return loader(
             dataset,
+            **extra,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=sampler.drop_last,
@@ -161,6 +168,20 @@ class _DataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             worker_init_fn=_limit_threads if self.num_workers > 0 else None,
         )
+
+    def _trainer_device(self) -> str | None:
+        """The device type the attached trainer trains on (None without a trainer)."""
+        try:
+            return self.trainer.strategy.root_device.type if self.trainer is not None else None
+        except (AttributeError, RuntimeError):
+            return None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Normalise 8-bit images on the training device (the loaders leave them 8-bit when it is not the CPU)."""
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and self.train_set is not None:
+            batch["image"] = self.train_set.transform.normalize(image)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.train_sampler is None:
@@ -396,6 +417,21 @@ def _train_folder(root: Root, source: str) -> Root:
     return root
 
 
+def _check_cache_size(source, window: int) -> None:
+    """Warn when the shard cache cannot hold what one training process uses at a time: the ``window`` shards it
+    reads, as many downloaded ahead, and one more."""
+    largest = max((s for s in source.sizes if s), default=0)
+    need = (2 * window + 1) * largest
+    if largest and source.cache.limit < need:
+        warnings.warn(
+            f"data.cache_limit ({source.cache.limit} bytes) holds {source.cache.limit // largest} shards of "
+            f"{source.root}, fewer than the {2 * window + 1} one training process uses at a time "
+            f"(data.shard_window={window} read, as many downloaded ahead, one more): shards will be deleted and "
+            f"downloaded again; raise data.cache_limit to at least {need} bytes per process on this machine",
+            stacklevel=3,
+        )
+
+
 class _Prefetching(torch.utils.data.Sampler):
     """The training sampler, with the shards its epoch will read downloaded ahead in this process (a background
     thread, ``ShardPrefetcher``); ``set_epoch`` and length pass through, and resume state stays in the
@@ -417,3 +453,49 @@ class _Prefetching(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class _RawBatches(torch.utils.data.Dataset):
+    """A ``SampleDataset`` whose batched reads (``__getitems__``, what a DataLoader worker calls) give the
+    transform's raw 8-bit images; single items (``dataset[i]``) stay normalised, as everywhere else."""
+
+    def __init__(self, dataset: SampleDataset) -> None:
+        self.dataset = dataset
+
+    def __getitems__(self, keys) -> list[dict]:
+        return [self.dataset.sample(key, raw=True) for key in keys]
+
+    def __getitem__(self, key):
+        return self.dataset[key]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class _NormalisingLoader(DataLoader):
+    """A DataLoader over :class:`_RawBatches`: batches cross from the workers as 8-bit images (a quarter of the
+    shared memory that float32 takes, and of its page faults: most of a worker's overhead per image) and are
+    normalised here, bit for bit as per sample (``PretrainTransform.normalize``), so they are float32 as before.
+    ``on_device``: leave them 8-bit; the data module's ``on_after_batch_transfer`` normalises them on the GPU."""
+
+    def __init__(self, dataset: _RawBatches, *args, on_device: bool = False, **kwargs) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.on_device = on_device
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if self.on_device:
+            return batches
+        return self._normalised(batches)
+
+    def _normalised(self, batches):
+        normalize = self.dataset.dataset.transform.normalize
+        for batch in batches:
+            if batch["image"].dtype == torch.uint8:
+                batch["image"] = normalize(batch["image"], pin_memory=self.pin_memory)
+            yield batch

@@ -470,6 +470,11 @@ class SampleDataset(Dataset):
         return self._bad_count.value
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        return self.sample(key)
+
+    def sample(self, key: int | tuple[int, int], raw: bool = False) -> dict[str, torch.Tensor | int]:
+        """Sample ``key``; ``raw``: as the transform's ``raw`` gives it when it has one (e.g. 8-bit images that a
+        loader normalises per batch, after they crossed from the worker: 4x fewer bytes through shared memory)."""
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
         if self.fixed_epoch is not None:
             epoch = self.fixed_epoch
@@ -494,7 +499,8 @@ class SampleDataset(Dataset):
                     "fix or delete them, or point data.root (data.val_root for validation) at readable images"
                 )
         image, full_size = loaded
-        sample = self.transform(image, seed) if hint is None else self.transform(image, seed, full_size)
+        transform = self.transform.raw if raw and hasattr(self.transform, "raw") else self.transform
+        sample = transform(image, seed) if hint is None else transform(image, seed, full_size)
         sample["label"] = int(self.source.labels[self.indices[item]])
         return sample
 

@@ -305,9 +305,46 @@ class PretrainTransform(SampleTransform):
 
         return min_size
 
+    def raw(
+        self, image: Image.Image | np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """As calling it, but ``image`` stays 8-bit (uint8 [3,H,W]): :meth:`normalize` turns a batch of them into
+        exactly what calling gives."""
+        aug_seed, mask_seed = _children(seed)
+        out = {"image": torch.from_numpy(self._crop_flip(np.asarray(image), aug_seed, full_size).transpose(2, 0, 1))}
+        if self.mask_generator is not None:
+            out["mask"] = torch.from_numpy(self.mask_generator(np.random.default_rng(mask_seed)))
+        return out
+
+    def normalize(self, images: torch.Tensor, pin_memory: bool = False) -> torch.Tensor:
+        """uint8 images [..., 3, H, W] -> float32, normalised with the same lookup table as per sample (so equal
+        bit for bit), on the images' device; ``pin_memory``: the CPU result in page-locked memory."""
+        shape = images.shape
+        if images.device.type != "cpu":
+            return self._gather(images)
+        out = torch.empty(shape, dtype=torch.float32, pin_memory=pin_memory and torch.cuda.is_available())
+        planes, results = images.reshape(-1, 3, shape[-2], shape[-1]).numpy(), out.view(-1, 3, *shape[-2:]).numpy()
+        tables = [np.ascontiguousarray(self._lut[:, 0, c]) for c in range(3)]
+        for k in range(planes.shape[0]):
+            for c in range(3):
+                cv2.LUT(planes[k, c], tables[c], dst=results[k, c])
+        return out
+
+    def _gather(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` with torch ops on any device (the table looked up per channel)."""
+        table = torch.from_numpy(self._lut[:, 0, :].T.copy()).to(images.device)  # [3, 256]
+        flat = images.reshape(-1, 3, images.shape[-2] * images.shape[-1]).long()
+        return torch.gather(table.expand(flat.shape[0], 3, 256), 2, flat).reshape(images.shape)
+
     def _augment(
         self, image: np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None
     ) -> torch.Tensor:
+        return torch.from_numpy(cv2.LUT(self._crop_flip(image, seed, full_size), self._lut).transpose(2, 0, 1))
+
+    def _crop_flip(
+        self, image: np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None
+    ) -> np.ndarray:
+        """The cropped, resized and maybe flipped 8-bit image (H x W x 3)."""
         height, width = image.shape[:2]
         full_w, full_h = full_size or (width, height)
         x1, y1, x2, y2 = self._crop_box(seed, full_w, full_h)
@@ -320,7 +357,7 @@ class PretrainTransform(SampleTransform):
         self._flip.py_random = random.Random(int(state))
         if self._flip.should_apply():
             out = cv2.flip(out, 1)
-        return torch.from_numpy(cv2.LUT(out, self._lut).transpose(2, 0, 1))
+        return out
 
     def _reduced_crop(self, image: np.ndarray, k: int, box: tuple[int, ...], interpolation: int) -> np.ndarray:
         """The full-size crop ``box`` resized to the output, taken from ``image`` decoded at 1/k: the box rounded to

@@ -130,3 +130,31 @@ def test_the_dataset_decodes_large_jpegs_reduced_with_the_same_seeds(tmp_path):
         a, b = fast[key], reference[key]
         assert torch.equal(a["mask"], b["mask"])
         assert (a["image"] - b["image"]).abs().mul(torch.tensor(LEVELS)).mean() < 1.5
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_batches_cross_as_8_bit_and_equal_the_normalised_samples(tmp_path, num_workers):
+    """The pretraining loader moves 8-bit images out of its workers and normalises each batch with the per-sample
+    lookup table: batches are float32 and equal to stacking dataset[i] (and the on-device path gives the same)."""
+    from simmim.data import PretrainDataModule
+
+    for i in range(12):
+        (tmp_path / f"{i}.jpg").write_bytes(_jpeg(_textured(160, 120, i)))
+    dm = PretrainDataModule(
+        tmp_path, "folder", img_size=64, mask_patch_size=16, batch_size=4, num_workers=num_workers,
+        pin_memory=False, val_root=None,
+    )  # fmt: skip
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    keys = list(dm.train_sampler)
+    for n, batch in enumerate(loader):
+        expected = [dm.train_set[k] for k in keys[4 * n : 4 * n + 4]]
+        assert batch["image"].dtype == torch.float32
+        assert torch.equal(batch["image"], torch.stack([e["image"] for e in expected]))
+        assert torch.equal(batch["mask"], torch.stack([e["mask"] for e in expected]))
+    raw = torch.stack([r["image"] for r in loader.dataset.__getitems__(keys[:4])])
+    assert raw.dtype == torch.uint8
+    on_device = dm.on_after_batch_transfer({"image": raw.clone(), "mask": None}, 0)["image"]
+    reference = torch.stack([dm.train_set[k]["image"] for k in keys[:4]])
+    assert torch.equal(on_device, reference)
+    assert torch.equal(dm.transform._gather(raw), reference)  # the lookup used on GPUs, here on CPU tensors
