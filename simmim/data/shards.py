@@ -324,10 +324,11 @@ class ShardSource:
         """Sample ``index``'s image file, as packed."""
         shard = int(self.shard_of(index))
         samples = self._shard(shard)
-        sample = samples[index - int(self.starts[shard])]
-        for ext, value in sample.items():
-            if not ext.startswith("_") and ext != ".cls":
-                return value.getvalue()
+        reader = samples.reader  # wids' memory-mapped tar index: (name, header offset, size) per member
+        for member in samples.samples[index - int(self.starts[shard])]:  # the sample's members (grouped by key)
+            name, offset, size = reader.by_index[member]
+            if not name.endswith(".cls"):
+                return reader.mmapped_file[offset + 512 : offset + 512 + size]  # one copy, no header re-parse
         raise BadImageError(self.name(index), "the shard holds no image file for this sample")
 
     def pixels(
