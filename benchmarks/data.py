@@ -256,8 +256,8 @@ def cmd_startup(args) -> None:
     root = fake_shards(work, args.samples, args.per_shard)
     print(
         f"\n`python benchmarks/data.py startup --samples {args.samples}` - a fresh process per rank, timed after its "
-        f"imports: data module on {args.samples:,} samples in {args.samples // args.per_shard} shards, sampler, the epoch's "
-        f"shard-aware order (world size {args.world}); median of {args.rounds}\n"
+        f"imports: data module on {args.samples:,} samples in {args.samples // args.per_shard} shards, sampler, "
+        f"the epoch's shard-aware order (world size {args.world}); median of {args.rounds}\n"
     )
     print(f"importing simmim.data alone: {_import_seconds():.2f} s\n")
     print("| shards at | rank 0 | last rank |")
