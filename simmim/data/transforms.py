@@ -286,10 +286,19 @@ class PretrainTransform(SampleTransform):
         ramp = np.arange(256, dtype=np.uint8).reshape(256, 1, 1).repeat(3, axis=2)
         self._lut = np.ascontiguousarray(normalize(image=ramp)["image"], dtype=np.float32)  # [256, 1, 3]
         self.size = (img_size, img_size)
+        self._last_states: tuple | None = None
+
+    def _states(self, seed: np.random.SeedSequence) -> np.ndarray:
+        """The seed of every node, as ``seed_transform`` gives them (the last sample's kept: the decode hint and
+        the augmentation of one sample both need them)."""
+        key = (np.asarray(seed.entropy).tobytes(), seed.spawn_key)
+        if self._last_states is None or self._last_states[0] != key:
+            self._last_states = (key, seed.generate_state(self._count))
+        return self._last_states[1]
 
     def _crop_box(self, seed: np.random.SeedSequence, width: int, height: int) -> tuple[int, int, int, int]:
         """(x1, y1, x2, y2) on the full-size image: the RandomResizedCrop node's draw for this seed."""
-        state = seed.generate_state(self._count)[self._crop_node]
+        state = self._states(seed)[self._crop_node]
         self._crop.py_random = random.Random(int(state))  # what set_random_seed gives it (its numpy one is unused)
         return self._crop.get_params_dependent_on_data({"shape": (height, width)}, {})["crop_coords"]
 
@@ -353,7 +362,7 @@ class PretrainTransform(SampleTransform):
             out = cv2.resize(image[y1:y2, x1:x2], self.size[::-1], interpolation=interpolation)
         else:
             out = self._reduced_crop(image, round(full_w / width), (x1, y1, x2, y2), interpolation)
-        state = seed.generate_state(self._count)[self._flip_node]
+        state = self._states(seed)[self._flip_node]
         self._flip.py_random = random.Random(int(state))
         if self._flip.should_apply():
             out = cv2.flip(out, 1)
