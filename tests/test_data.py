@@ -615,7 +615,7 @@ def test_every_file_unreadable_stops_once_each_was_tried(tmp_path, num_workers):
     assert err.summary == lines[-1].removeprefix("simmim.data.datasets.TooManyBadFilesError: ")
     if num_workers:  # PyTorch re-raised it from the worker: the sentence is the last line
         assert lines[0].startswith("Caught TooManyBadFilesError in DataLoader worker process")
-    assert err.summary.startswith("all 20 image files were tried and every one is unreadable, e.g. ")
+    assert err.summary.startswith("all 20 training image files were tried and every one is unreadable, e.g. ")
     assert str(folder / "bad00.png") in err.summary and "and 17 more: fix or delete them" in err.summary
     if not num_workers:  # with workers, a file found by another worker is named without its reason
         assert f"{folder / 'bad00.png'} (UnidentifiedImageError: " in err.summary

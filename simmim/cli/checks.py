@@ -46,6 +46,7 @@ RULES: dict[str, Rule] = {
     "data.batch_size": _at_least(1, "images per device and step"),
     "data.num_workers": _at_least(0, "0 loads in the main process"),
     "data.max_bad_files": _at_least(0, "0 stops at the first unreadable image"),
+    "data.shard_window": _at_least(1, "shards each rank reads at a time"),
     "data.val_fraction": _within(0, 1, "0: no held-out validation images"),
     "data.mask_ratio": (lambda v: 0 < v < 1, "must lie strictly between 0 and 1 (the paper uses 0.6)"),
     "data.label_fraction": _FRACTION,
@@ -85,7 +86,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "nan_policy": ("auto", "stop", "skip"),
     "memory": ("manual", "auto"),
     "mode": ("finetune", "linear_probe", "knn"),
-    "data.source": ("auto", "folder", "imagefolder", "filelist", "fashion_mnist"),
+    "data.source": ("auto", "folder", "imagefolder", "filelist", "fashion_mnist", "shards"),
 }
 _CHOICE_HINTS = {"memory": "manual (model.use_checkpoint, model.attn_chunk_size) or auto"}
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from simmim import runtime
 from simmim.cli.checks import model_geometry
 from simmim.cli.command import command_line, log_to_loggers, plan_lines, save_recipe, stopped_text, trainer_arguments
-from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
+from simmim.cli.runs import RunRuntime, removed_on_refusal, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
 from simmim.training.classify import FinetuneModule, LinearProbeModule
 from simmim.training.preemption import Preemption
@@ -40,10 +40,12 @@ def encoder_config(cfg: DictConfig, windows: Sequence[int] | None = None) -> dic
     return config
 
 
-def build_datamodule(cfg: DictConfig) -> Any:
+def build_datamodule(cfg: DictConfig, keep_listing: bool = True) -> Any:
     from simmim.data import ClassificationDataModule
 
     data = OmegaConf.to_container(cfg.data)
+    if cfg.run_dir and keep_listing:  # the folder listing, kept for DDP ranks and resumes (not by --dry-run)
+        data["listing_cache"] = str(Path(cfg.run_dir) / "listings")  # text: checkpoints load weights-only
     for key in ("val_root", "test_root"):
         data[key] = None if data[key] in ("auto", None) else data[key]  # auto: root/val, root/test when present
     data["crop_scale"] = tuple(data["crop_scale"])
@@ -120,48 +122,49 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
         raise RecipeError(f"pretrained={cfg.pretrained}: {e}") from e
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
-    resume = start_run(cfg, run_dir)
-    if cfg.mode == "knn":
-        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
-        metrics = {**_run_knn(cfg, weights, run_dir, rt), "run_dir": str(run_dir)}
-        metrics["seconds"] = time.perf_counter() - start
-        save_json(metrics, run_dir / "metrics.json")
-        return metrics
-    if cfg.mode == "linear_probe" and weights is None:
-        pl.utilities.rank_zero_warn("linear probing random weights (no pretrained=PATH given)")
-    dm = build_datamodule(cfg)
-    cls = LinearProbeModule if cfg.mode == "linear_probe" else FinetuneModule
-    module = cls(
-        encoder_config(cfg, weights.window_sizes if weights is not None else None),
-        dm.num_classes,
-        optim=OmegaConf.to_container(cfg.optim),
-        schedule=OmegaConf.to_container(cfg.schedule),
-        mixup=OmegaConf.to_container(cfg.mixup),
-        batch_size=cfg.data.batch_size,
-        class_names=dm.class_names,
-        seed=cfg.seed,
-        memory={k: cfg.model[k] for k in RUNTIME_ONLY},
-    )
-    if cfg.compile:
-        compile_model(module.model, cfg.compile_mode)
-    load = load_pretrained(module.model, weights) if weights is not None else None
-    targs = trainer_arguments(cfg, rt, dm)
-    preemption = Preemption(ckpt_dir / "last.ckpt")
-    callbacks: list[pl.Callback] = [preemption]
-    if cfg.memory == "auto":
-        from simmim.training.memory import MemoryPlanner
+    with removed_on_refusal(run_dir):  # a refused new run leaves no folder behind
+        resume = start_run(cfg, run_dir)
+        if cfg.mode == "knn":
+            save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
+            metrics = {**_run_knn(cfg, weights, run_dir, rt), "run_dir": str(run_dir)}
+            metrics["seconds"] = time.perf_counter() - start
+            save_json(metrics, run_dir / "metrics.json")
+            return metrics
+        if cfg.mode == "linear_probe" and weights is None:
+            pl.utilities.rank_zero_warn("linear probing random weights (no pretrained=PATH given)")
+        dm = build_datamodule(cfg)
+        cls = LinearProbeModule if cfg.mode == "linear_probe" else FinetuneModule
+        module = cls(
+            encoder_config(cfg, weights.window_sizes if weights is not None else None),
+            dm.num_classes,
+            optim=OmegaConf.to_container(cfg.optim),
+            schedule=OmegaConf.to_container(cfg.schedule),
+            mixup=OmegaConf.to_container(cfg.mixup),
+            batch_size=cfg.data.batch_size,
+            class_names=dm.class_names,
+            seed=cfg.seed,
+            memory={k: cfg.model[k] for k in RUNTIME_ONLY},
+        )
+        if cfg.compile:
+            compile_model(module.model, cfg.compile_mode)
+        load = load_pretrained(module.model, weights) if weights is not None else None
+        targs = trainer_arguments(cfg, rt, dm)
+        preemption = Preemption(ckpt_dir / "last.ckpt")
+        callbacks: list[pl.Callback] = [preemption]
+        if cfg.memory == "auto":
+            from simmim.training.memory import MemoryPlanner
 
-        callbacks.append(MemoryPlanner())
-    trainer = build_trainer(
-        run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
-        checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
-    )  # fmt: skip
-    log_to_loggers(trainer, cfg)
-    if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
-        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
-        if load is not None:
-            save_text(str(load) + "\n", run_dir / "load_report.txt")
-            pl.utilities.rank_zero_info(str(load))
+            callbacks.append(MemoryPlanner())
+        trainer = build_trainer(
+            run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
+            checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
+        )  # fmt: skip
+        log_to_loggers(trainer, cfg)
+        if trainer.is_global_zero:  # DDP workers re-run this command: one process writes the run folder's files
+            save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
+            if load is not None:
+                save_text(str(load) + "\n", run_dir / "load_report.txt")
+                pl.utilities.rank_zero_info(str(load))
     rt.log()
     trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     if preemption.signal:  # saved; resume=auto continues
@@ -204,7 +207,7 @@ def _run(cfg: DictConfig, rt: RunRuntime) -> dict[str, Any]:
 def plan(cfg: DictConfig) -> str:
     """``--dry-run``: the data, steps, schedule, precision and devices of the run, training nothing."""
     with run_runtime(cfg, encoder_config(cfg)) as rt:
-        dm = build_datamodule(cfg) if cfg.mode != "knn" else None
+        dm = build_datamodule(cfg, keep_listing=False) if cfg.mode != "knn" else None
         what = f" in {dm.num_classes} classes" if dm is not None else ""
         lines = plan_lines(cfg, rt, dm, what)
     return "\n".join([f"mode: {cfg.mode}; pretrained: {cfg.pretrained}", *lines])

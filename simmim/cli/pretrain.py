@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from simmim.cli.checks import model_geometry
 from simmim.cli.command import command_line, log_to_loggers, plan_lines, save_recipe, stopped_text, trainer_arguments
-from simmim.cli.runs import RunRuntime, resolve_run_dir, run_runtime, start_run
+from simmim.cli.runs import RunRuntime, removed_on_refusal, resolve_run_dir, run_runtime, start_run
 from simmim.errors import RecipeError
 from simmim.io import save_text
 from simmim.models.simmim import SimMIM
@@ -52,10 +52,12 @@ def build_module(cfg: DictConfig) -> SimMIMPretrainModule:
         raise RecipeError(f"model.init_from={m.init_from}: {e}") from e
 
 
-def build_datamodule(cfg: DictConfig, patch_size: int) -> pl.LightningDataModule:
+def build_datamodule(cfg: DictConfig, patch_size: int, keep_listing: bool = True) -> pl.LightningDataModule:
     from simmim.data import PretrainDataModule
 
     data = OmegaConf.to_container(cfg.data)
+    if cfg.run_dir and keep_listing:  # the folder listing, kept for DDP ranks and resumes (not by --dry-run)
+        data["listing_cache"] = str(Path(cfg.run_dir) / "listings")  # text: checkpoints load weights-only
     for key in ("crop_scale", "crop_ratio"):
         data[key] = tuple(data[key])
     try:
@@ -163,39 +165,40 @@ def _run(cfg: DictConfig, callbacks: Sequence[pl.Callback], rt: RunRuntime) -> d
 
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
-    resume = start_run(cfg, run_dir)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg)
-    if cfg.compile:
-        compile_model(module.model, cfg.compile_mode)
-    datamodule = build_datamodule(cfg, module.model.patch_size)
-    preemption = Preemption(ckpt_dir / "last.ckpt")
-    callbacks = [*callbacks, preemption]
-    if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup
-        from simmim.training.memory import MemoryPlanner
+    with removed_on_refusal(run_dir):  # a refused new run leaves no folder behind
+        resume = start_run(cfg, run_dir)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = build_module(cfg)
+        if cfg.compile:
+            compile_model(module.model, cfg.compile_mode)
+        datamodule = build_datamodule(cfg, module.model.patch_size)
+        preemption = Preemption(ckpt_dir / "last.ckpt")
+        callbacks = [*callbacks, preemption]
+        if cfg.memory == "auto":  # checkpointing / attention chunks chosen per process at setup
+            from simmim.training.memory import MemoryPlanner
 
-        callbacks.append(MemoryPlanner())
-    targs = trainer_arguments(cfg, rt, datamodule)
-    trainer = build_trainer(
-        run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
-        checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
-    )  # fmt: skip
-    # Sharded strategies hold no process's model whole: the in-training probes (which run the model on its own)
-    # are left out; the final encoder and reconstructions are made from the gathered weights (trained_model).
-    probes = _probes(cfg, datamodule, run_dir, rt)
-    if probes and sharding_strategy(trainer.strategy) is not None:
-        pl.utilities.rank_zero_warn(
-            f"visualize_every_n_steps and knn.root are ignored under trainer.strategy={cfg.trainer.strategy} "
-            "(sharded weights)"
-        )
-        probes = []
-    trainer.callbacks.extend(probes)
-    log_to_loggers(trainer, cfg)
-    if trainer.is_global_zero:
-        save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
-        if module.load_report is not None:
-            save_text(str(module.load_report) + "\n", run_dir / "load_report.txt")
-            pl.utilities.rank_zero_info(str(module.load_report))
+            callbacks.append(MemoryPlanner())
+        targs = trainer_arguments(cfg, rt, datamodule)
+        trainer = build_trainer(
+            run_dir, targs, loggers=make_loggers(cfg.logger, run_dir, str(cfg.recipe)), callbacks=callbacks,
+            checkpoints=_checkpoints(cfg, ckpt_dir), nan_policy=cfg.nan_policy, images_per_step=module.total_batch,
+        )  # fmt: skip
+        # Sharded strategies hold no process's model whole: the in-training probes (which run the model on its own)
+        # are left out; the final encoder and reconstructions are made from the gathered weights (trained_model).
+        probes = _probes(cfg, datamodule, run_dir, rt)
+        if probes and sharding_strategy(trainer.strategy) is not None:
+            pl.utilities.rank_zero_warn(
+                f"visualize_every_n_steps and knn.root are ignored under trainer.strategy={cfg.trainer.strategy} "
+                "(sharded weights)"
+            )
+            probes = []
+        trainer.callbacks.extend(probes)
+        log_to_loggers(trainer, cfg)
+        if trainer.is_global_zero:
+            save_recipe(cfg, run_dir / "recipe.yaml", rt.resolved())
+            if module.load_report is not None:
+                save_text(str(module.load_report) + "\n", run_dir / "load_report.txt")
+                pl.utilities.rank_zero_info(str(module.load_report))
     rt.log()
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -237,7 +240,7 @@ def plan(cfg: DictConfig) -> str:
     """``--dry-run``: what the run would do (data, steps, schedule, precision, devices, memory), training nothing."""
     config = encoder_config(cfg)
     with run_runtime(cfg, config) as rt:
-        dm = build_datamodule(cfg, int(config["patch_size"]))
+        dm = build_datamodule(cfg, int(config["patch_size"]), keep_listing=False)
         n_val = len(dm.val_source) if dm.val_source is not None else len(dm.val_indices)
         lines = plan_lines(cfg, rt, dm, f", {n_val} validation ({dm.source!r})")
     model = (

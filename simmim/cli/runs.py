@@ -8,6 +8,7 @@ Trainer exists, so every rank reads the same folder from its own command line.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,7 @@ __all__ = [
     "run_runtime",
     "resolve_run_dir",
     "start_run",
+    "removed_on_refusal",
     "latest_checkpoint",
     "multi_process_launch",
     "cli_main",
@@ -110,6 +112,22 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     for folder in (run_dir, ckpt_dir):
         remove_stale_temporaries(folder)
     return resume
+
+
+@contextlib.contextmanager
+def removed_on_refusal(run_dir: Path) -> Iterator[None]:
+    """Around what a run does before training: a refusal (a bad value, too few images, an unusable checkpoint)
+    removes the run folder again if the run created it, so nothing of a run that never started is left behind."""
+    from simmim.data import DataError
+    from simmim.io import CheckpointError
+
+    existed = run_dir.exists()
+    try:
+        yield
+    except (RecipeError, DataError, CheckpointError):
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 # ---- hardware ---------------------------------------------------------------------------------------------------

@@ -53,6 +53,9 @@ class DataSection:
     pin_memory: bool = MISSING
     crop_scale: list[float] = MISSING
     max_bad_files: int = MISSING
+    cache_dir: str | None = MISSING
+    cache_limit: str = MISSING
+    shard_window: int = MISSING
 
 
 @dataclass

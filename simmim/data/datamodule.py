@@ -7,11 +7,17 @@ unlabelled) and, for pretraining, ``mask`` int64 [B,H/p,W/p] (1 = masked, p = mo
 ``batch_size`` is per process (the official code's total batch is batch_size x world size). Sources are scanned in
 the constructor, so a wrong or empty root fails before any model is built. The training sampler (an
 ``EpochSampler``, created in ``setup``) shards across ranks itself: use ``Trainer(use_distributed_sampler=False)``.
+
+Shards (``source="shards"``, or ``auto`` for a URL or a folder holding ``manifest.json``; see ``simmim.data.shards``)
+train with the sampler's shard-aware order (``shard_window`` shards mixed at a time per rank); from a URL they are
+cached in ``cache_dir`` within ``cache_limit`` and downloaded ahead of the workers. ``listing_cache``: a folder (the
+run folder) where folder listings are kept, so a resume or another rank does not scan the tree again.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,14 +29,15 @@ from torch.utils.data import DataLoader
 
 from simmim.data.datasets import DataError, FashionMNIST, SampleDataset, build_source, detect_source
 from simmim.data.sampler import EpochSampler
+from simmim.data.shards import ShardPrefetcher, is_shard_root, is_url, split_root
 from simmim.data.transforms import (
     EVAL_RESIZE_RATIO,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PretrainTransform,
     SampleTransform,
     eval_transform,
     finetune_transform,
-    pretrain_transform,
 )
 from simmim.masking import MaskGenerator
 
@@ -90,24 +97,37 @@ class _DataModule(pl.LightningDataModule):
         max_bad_files: int,
         rank: int | None,
         world_size: int | None,
+        listing_cache: Root = None,
+        cache_dir: Root = None,
+        cache_limit: str | int = "20GB",
+        shard_window: int = 4,
     ) -> None:
         super().__init__()
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.seed, self.max_bad_files = seed, max_bad_files
         self.rank, self.world_size = rank, world_size
+        self.listing_cache, self.shard_window = listing_cache, shard_window
+        self.shard_options = {"cache_dir": cache_dir, "cache_limit": cache_limit, "open_shards": shard_window + 2}
         self.train_set: SampleDataset | None = None
         self.val_set: SampleDataset | None = None
         self.train_sampler: EpochSampler | None = None
         # why the training set is smaller than the source, with the key that changes it (for "too few images")
         self.size_notes: list[tuple[str, str]] = []
 
-    def _dataset(self, source, transform, indices=None, fixed_epoch: int | None = None) -> SampleDataset:
-        return SampleDataset(source, transform, self.seed, indices, self.max_bad_files, fixed_epoch)
+    def _dataset(
+        self, source, transform, indices=None, fixed_epoch: int | None = None, split: str = "training"
+    ) -> SampleDataset:
+        return SampleDataset(source, transform, self.seed, indices, self.max_bad_files, fixed_epoch, split)
+
+    def _build(self, root: Root, source: str, train: bool = True):
+        """``build_source`` with this module's listing cache and shard cache settings."""
+        return build_source(root, source, train, self.listing_cache, self.shard_options)
 
     def _sampler(self, dataset: SampleDataset, train: bool) -> EpochSampler:
         trainer = self.trainer
         rank = self.rank if self.rank is not None or trainer is None else trainer.global_rank
         world_size = self.world_size if self.world_size is not None or trainer is None else trainer.world_size
+        shards = train and hasattr(dataset.source, "group_sizes")
         return EpochSampler(
             len(dataset),
             self.batch_size,
@@ -117,6 +137,8 @@ class _DataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             size_notes=self.size_notes if train else (),
+            groups=dataset.source.group_sizes(dataset.indices) if shards else None,
+            window=self.shard_window,
         )
 
     def _loader(self, dataset: SampleDataset | None, sampler: EpochSampler | None = None) -> DataLoader | list:
@@ -130,8 +152,16 @@ class _DataModule(pl.LightningDataModule):
             # condition variables with waiters that do not exist. One OpenCV thread here leaves no pool to copy;
             # this process does little OpenCV work once workers load the data.
             cv2.setNumThreads(1)
-        return DataLoader(
+        if getattr(dataset.source, "cache", None) is not None and sampler.shuffle:
+            _check_cache_size(dataset.source, self.shard_window)
+            sampler = _Prefetching(sampler, dataset, self.shard_window)
+        loader, extra = DataLoader, {}
+        if hasattr(dataset.transform, "raw"):  # 8-bit images cross from the workers, normalised per batch
+            loader, extra = _NormalisingLoader, {"on_device": self._trainer_device() not in (None, "cpu")}
+            dataset = _RawBatches(dataset)
+        return loader(
             dataset,
+            **extra,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=sampler.drop_last,
@@ -140,6 +170,20 @@ class _DataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             worker_init_fn=_limit_threads if self.num_workers > 0 else None,
         )
+
+    def _trainer_device(self) -> str | None:
+        """The device type the attached trainer trains on (None without a trainer)."""
+        try:
+            return self.trainer.strategy.root_device.type if self.trainer is not None else None
+        except (AttributeError, RuntimeError):
+            return None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Normalise 8-bit images on the training device (the loaders leave them 8-bit when it is not the CPU)."""
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and self.train_set is not None:
+            batch["image"] = self.train_set.transform.normalize(image)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.train_sampler is None:
@@ -188,8 +232,15 @@ class PretrainDataModule(_DataModule):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        listing_cache: Root = None,
+        cache_dir: Root = None,
+        cache_limit: str | int = "20GB",
+        shard_window: int = 4,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
+        super().__init__(
+            batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size,
+            listing_cache, cache_dir, cache_limit, shard_window,
+        )  # fmt: skip
         self.save_hyperparameters()
         if str(val_root) == "auto":
             val_root = _val_folder(root, source)
@@ -201,11 +252,9 @@ class PretrainDataModule(_DataModule):
                 "null / 0"
             )
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
-        self.transform = SampleTransform(
-            pretrain_transform(img_size, crop_scale, crop_ratio, mean, std), self.mask_generator
-        )
-        self.source = build_source(_train_folder(root, source), source)
-        self.val_source = None if val_root is None else build_source(val_root, source, train=False)
+        self.transform = PretrainTransform(img_size, crop_scale, crop_ratio, mean, std, self.mask_generator)
+        self.source = self._build(_train_folder(root, source), source)
+        self.val_source = None if val_root is None else self._build(val_root, source, train=False)
         self.train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
         check_split(len(self.source), val_fraction)
         if val_fraction:
@@ -216,9 +265,11 @@ class PretrainDataModule(_DataModule):
             return
         self.train_set = self._dataset(self.source, self.transform, self.train_indices)
         if self.val_source is not None:
-            self.val_set = self._dataset(self.val_source, self.transform, fixed_epoch=0)
+            self.val_set = self._dataset(self.val_source, self.transform, fixed_epoch=0, split="validation")
         elif len(self.val_indices):
-            self.val_set = self._dataset(self.source, self.transform, self.val_indices, fixed_epoch=0)
+            self.val_set = self._dataset(
+                self.source, self.transform, self.val_indices, fixed_epoch=0, split="validation"
+            )
         self.train_sampler = self._sampler(self.train_set, train=True)
 
 
@@ -259,8 +310,15 @@ class ClassificationDataModule(_DataModule):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        listing_cache: Root = None,
+        cache_dir: Root = None,
+        cache_limit: str | int = "20GB",
+        shard_window: int = 4,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size)
+        super().__init__(
+            batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size,
+            listing_cache, cache_dir, cache_limit, shard_window,
+        )  # fmt: skip
         self.save_hyperparameters()
         self.train_transform = SampleTransform(
             finetune_transform(
@@ -277,11 +335,12 @@ class ClassificationDataModule(_DataModule):
             test = FashionMNIST(folder, train=False)
             self.val_source, self.test_source = (None, test) if val_fraction else (test, test)
         else:
-            self.source = build_source(train_root or _train_folder(root, source), source)
+            self.source = self._build(train_root or _train_folder(root, source), source)
+            _require_labels(self.source, train_root or root)
             val_root = val_root or _subfolder(root, "val")
-            self.val_source = None if val_root is None else build_source(val_root, source)
+            self.val_source = None if val_root is None else self._build(val_root, source)
             test_root = test_root or _subfolder(root, "test")
-            self.test_source = self.val_source if test_root is None else build_source(test_root, source)
+            self.test_source = self.val_source if test_root is None else self._build(test_root, source)
             if self.val_source is not None and val_fraction:
                 raise ValueError(f"give a validation folder ({val_root}) or val_fraction ({val_fraction}), not both")
             if self.val_source is None and not val_fraction:
@@ -289,11 +348,6 @@ class ClassificationDataModule(_DataModule):
                     f"no validation images for {train_root or root}: pass val_root, create {Path(str(root)) / 'val'}, "
                     "or hold out part of the training set with val_fraction"
                 )
-        if (self.source.labels < 0).any():
-            raise ValueError(
-                f"{self.source!r} from {train_root or root} has no labels: classification needs an ImageFolder tree "
-                "(one subfolder per class) or a file list with a label on every line"
-            )
         self.class_names: list[str] = self.source.class_names
         self.num_classes = len(self.class_names)
         train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
@@ -315,11 +369,11 @@ class ClassificationDataModule(_DataModule):
         if self.train_set is None:
             self.train_set = self._dataset(self.source, self.train_transform, self.train_indices)
             if self.val_source is None:
-                self.val_set = self._dataset(self.source, self.eval_transform, self.val_indices)
+                self.val_set = self._dataset(self.source, self.eval_transform, self.val_indices, split="validation")
             else:
-                self.val_set = self._dataset(self.val_source, self.eval_transform)
+                self.val_set = self._dataset(self.val_source, self.eval_transform, split="validation")
             same = self.test_source is None or self.test_source is self.val_source
-            self.test_set = self.val_set if same else self._dataset(self.test_source, self.eval_transform)
+            self.test_set = self.val_set if same else self._dataset(self.test_source, self.eval_transform, split="test")
         if self.train_sampler is None and stage in (None, "fit"):  # evaluation alone (kNN) needs no full batch
             self.train_sampler = self._sampler(self.train_set, train=True)
 
@@ -334,7 +388,19 @@ class ClassificationDataModule(_DataModule):
         return self._loader(self._dataset(self.source, self.eval_transform, self.train_indices))
 
 
-def _subfolder(root: Root, name: str) -> Path | None:
+def _require_labels(source, root: Root) -> None:
+    """Classification needs labels: said first, before any missing validation split."""
+    if (source.labels < 0).any():
+        raise ValueError(
+            f"{source!r} from {root} has no labels: classification needs an ImageFolder tree (one subfolder per "
+            "class) or a file list with a label on every line"
+        )
+
+
+def _subfolder(root: Root, name: str) -> Path | str | None:
+    """``root/name`` when it is a folder (or, for a URL root, when it holds shards)."""
+    if root is not None and is_url(root):
+        return split_root(root, name)
     if root is None or not Path(root).is_dir() or not (Path(root) / name).is_dir():
         return None
     return Path(root) / name
@@ -346,13 +412,99 @@ def _held_out(val_fraction: float, n_val: int, size: int) -> tuple[str, str]:
 
 def _val_folder(root: Root, source: str) -> Path | None:
     """``root/val`` when the root has the ImageNet layout (``train`` and ``val``) that ``_train_folder`` follows."""
-    if source in ("auto", "folder", "imagefolder") and _subfolder(root, "train") is not None:
+    if source in ("auto", "folder", "imagefolder", "shards") and _subfolder(root, "train") is not None:
         return _subfolder(root, "val")
     return None
 
 
 def _train_folder(root: Root, source: str) -> Root:
     """``root/train`` when an ImageFolder-style root holds one (ImageNet layout), else ``root``."""
-    if source in ("auto", "folder", "imagefolder"):
+    if source in ("auto", "folder", "imagefolder", "shards"):
+        if source == "shards" and root is not None and is_shard_root(root):
+            return root  # the manifest is here: this is the set, whatever subfolders it has
         return _subfolder(root, "train") or root
     return root
+
+
+def _check_cache_size(source, window: int) -> None:
+    """Warn when the shard cache cannot hold what one training process uses at a time: the ``window`` shards it
+    reads, as many downloaded ahead, and one more."""
+    largest = max((s for s in source.sizes if s), default=0)
+    need = (2 * window + 1) * largest
+    if largest and source.cache.limit < need:
+        warnings.warn(
+            f"data.cache_limit ({source.cache.limit} bytes) holds {source.cache.limit // largest} shards of "
+            f"{source.root}, fewer than the {2 * window + 1} one training process uses at a time "
+            f"(data.shard_window={window} read, as many downloaded ahead, one more): shards will be deleted and "
+            f"downloaded again; raise data.cache_limit to at least {need} bytes per process on this machine",
+            stacklevel=3,
+        )
+
+
+class _Prefetching(torch.utils.data.Sampler):
+    """The training sampler, with the shards its epoch will read downloaded ahead in this process (a background
+    thread, ``ShardPrefetcher``); ``set_epoch`` and length pass through, and resume state stays in the
+    ``EpochSampler`` (the data module's ``train_sampler``)."""
+
+    def __init__(self, sampler: EpochSampler, dataset: SampleDataset, window: int) -> None:
+        self.sampler, self.dataset = sampler, dataset
+        self.drop_last, self.shuffle = sampler.drop_last, sampler.shuffle
+        self.prefetcher = ShardPrefetcher(dataset.source, ahead=window)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        positions = np.fromiter((k[0] for k in keys), np.int64, len(keys))
+        shards = self.dataset.source.shard_of(self.dataset.indices[positions])
+        return self.prefetcher.follow(keys, shards)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _RawBatches(torch.utils.data.Dataset):
+    """A ``SampleDataset`` whose batched reads (``__getitems__``, what a DataLoader worker calls) give the
+    transform's raw 8-bit images; single items (``dataset[i]``) stay normalised, as everywhere else."""
+
+    def __init__(self, dataset: SampleDataset) -> None:
+        self.dataset = dataset
+
+    def __getitems__(self, keys) -> list[dict]:
+        return [self.dataset.sample(key, raw=True) for key in keys]
+
+    def __getitem__(self, key):
+        return self.dataset[key]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class _NormalisingLoader(DataLoader):
+    """A DataLoader over :class:`_RawBatches`: batches cross from the workers as 8-bit images (a quarter of the
+    shared memory that float32 takes, and of its page faults: most of a worker's overhead per image) and are
+    normalised here, bit for bit as per sample (``PretrainTransform.normalize``), so they are float32 as before.
+    ``on_device``: leave them 8-bit; the data module's ``on_after_batch_transfer`` normalises them on the GPU."""
+
+    def __init__(self, dataset: _RawBatches, *args, on_device: bool = False, **kwargs) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.on_device = on_device
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if self.on_device:
+            return batches
+        return self._normalised(batches)
+
+    def _normalised(self, batches):
+        normalize = self.dataset.dataset.transform.normalize
+        for batch in batches:
+            if batch["image"].dtype == torch.uint8:
+                batch["image"] = normalize(batch["image"], pin_memory=self.pin_memory)
+            yield batch

@@ -2,8 +2,10 @@
 
 A *source* knows where its images are and what their labels are: ``len(source)``, ``source.load(i)`` -> RGB PIL
 image (may raise ``BadImageError``), ``source.name(i)`` (for messages), ``source.labels`` (int64, -1 when
-unlabelled) and ``source.class_names``. ``SampleDataset`` turns a source into training samples: it derives each
-sample's randomness from (seed, epoch, index), and replaces unreadable files by other samples.
+unlabelled) and ``source.class_names``; optionally ``source.pixels(i, min_size)`` -> (H x W x 3 uint8 array, full
+(width, height)), the fast path that may decode smaller (see ``images.decode_image``). ``SampleDataset`` turns a
+source into training samples: it derives each sample's randomness from (seed, epoch, index), and replaces
+unreadable files by other samples.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from simmim.data.images import IMG_EXTENSIONS, BadImageError, is_image_file, open_image
+from simmim.data.images import IMG_EXTENSIONS, BadImageError, decode_image, is_image_file, open_image
+from simmim.data.scan import list_image_paths
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -38,7 +41,7 @@ __all__ = [
     "read_idx",
 ]
 
-SOURCES = ("auto", "folder", "imagefolder", "filelist", "fashion_mnist")
+SOURCES = ("auto", "folder", "imagefolder", "filelist", "fashion_mnist", "shards")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -60,7 +63,8 @@ _FASHION_FILES = {
 _FASHION_NAMES = tuple(n for pair in _FASHION_FILES.values() for n in pair)
 _LAYOUTS = (
     "a folder of images (searched recursively), an ImageFolder tree (one subfolder per class), "
-    "a .txt file list (one path per line, optional label), a folder of Fashion-MNIST idx files, or 'fashion_mnist'"
+    "a .txt file list (one path per line, optional label), a folder of Fashion-MNIST idx files, 'fashion_mnist', "
+    "or shards written by `python -m simmim.data.pack` (a folder or s3:// gs:// http(s):// URL holding manifest.json)"
 )
 
 
@@ -81,35 +85,57 @@ class ImageFiles:
         self.class_names = list(class_names)
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike) -> ImageFiles:
-        """Every image under ``root`` (recursively, extensions case-insensitive, hidden entries skipped), unlabelled."""
+    def from_folder(cls, root: str | os.PathLike, listing_cache: str | os.PathLike | None = None) -> ImageFiles:
+        """Every image under ``root`` (recursively, extensions case-insensitive, hidden entries skipped), unlabelled.
+
+        ``listing_cache``: a folder where the listing is kept for the next start (see ``simmim.data.scan``)."""
         root = _existing(root, folder=True)
-        found = _find_images(root)
-        if not found:
+        found = list_image_paths(root, listing_cache)
+        if not len(found):
             raise ValueError(
                 f"no image files ({', '.join(IMG_EXTENSIONS)}, any case) found under {root} (searched recursively); "
                 f"expected {_LAYOUTS}"
             )
-        return cls([root / p for p in found])
+        return cls._under(root, found)
 
     @classmethod
-    def from_imagefolder(cls, root: str | os.PathLike) -> ImageFiles:
+    def _under(cls, root: Path, relative: np.ndarray, labels=None, class_names: Sequence[str] = ()) -> ImageFiles:
+        """From encoded paths relative to ``root``, joined in one numpy operation (1M ``Path`` objects take
+        seconds)."""
+        files = cls([], None, class_names)
+        prefix = b"" if str(root) == "." else os.fsencode(os.path.join(root, ""))
+        files.paths = np.char.add(prefix, relative) if len(relative) else np.zeros(0, "S1")
+        files.labels = np.full(len(files.paths), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        return files
+
+    @classmethod
+    def from_imagefolder(cls, root: str | os.PathLike, listing_cache: str | os.PathLike | None = None) -> ImageFiles:
         """``root/<class>/**/<image>``: classes are the sorted subfolder names, labels their indices."""
         root = _existing(root, folder=True)
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise ValueError(f"no class subfolders in {root}: an ImageFolder tree needs root/<class>/<images>")
+        listed = list_image_paths(root, listing_cache)  # sorted bytes: each class's files form one sorted run
+        loose = [p for p in listed if b"/" not in p]
+        if loose:
+            raise ValueError(
+                f"{root} holds {len(loose)} images of its own (e.g. {os.fsdecode(loose[0])}) beside its class "
+                "subfolders: an ImageFolder tree would leave them out. Move them into class folders, or use "
+                "data.source=folder to read every image unlabelled"
+            )
         paths, labels = [], []
         for label, name in enumerate(classes):
-            found = _find_images(root / name)
-            if not found:
+            prefix = os.fsencode(name) + b"/"
+            begin, end = np.searchsorted(listed, [prefix, prefix[:-1] + b"0"])  # "0" follows "/": the run's end
+            found = listed[begin:end]
+            if not len(found):
                 raise ValueError(
                     f"class folder {root / name} holds no images ({', '.join(IMG_EXTENSIONS)}): "
                     "remove it, or use source='folder' to ignore class subfolders"
                 )
-            paths += [root / name / p for p in found]
+            paths.append(found)
             labels += [label] * len(found)
-        return cls(paths, labels, classes)
+        return cls._under(root, np.concatenate(paths), labels, classes)
 
     @classmethod
     def from_filelist(cls, path: str | os.PathLike) -> ImageFiles:
@@ -117,6 +143,11 @@ class ImageFiles:
         by a label (an integer or a class name) after a tab or a space; a path containing spaces needs a tab
         before its label. Blank lines and lines starting with ``#`` are ignored."""
         path = _existing(path)
+        if path.is_dir():
+            raise ValueError(
+                f"data.source=filelist needs a .txt file list, but {path} is a folder: use data.source=auto (or "
+                "folder / imagefolder) for a folder of images"
+            )
         entries = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             line = line.strip()
@@ -155,6 +186,18 @@ class ImageFiles:
     def load(self, index: int) -> Image.Image:
         return open_image(os.fsdecode(self.paths[index]))
 
+    def pixels(
+        self, index: int, min_size: Callable[[int, int], tuple[int, int]] | None = None
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image as an RGB array and its full (width, height); see ``images.decode_image``."""
+        path = os.fsdecode(self.paths[index])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise BadImageError(path, f"{type(err).__name__}: {err}") from err
+        return decode_image(data, path, min_size=min_size)
+
     def __repr__(self) -> str:
         return f"ImageFiles({len(self)} images, {len(self.class_names)} classes)"
 
@@ -189,6 +232,10 @@ class FashionMNIST:
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index], "L").convert("RGB")
+
+    def pixels(self, index: int, min_size=None) -> tuple[np.ndarray, tuple[int, int]]:
+        grey = self.images[index]
+        return np.repeat(grey[:, :, None], 3, axis=2), (grey.shape[1], grey.shape[0])
 
     def __repr__(self) -> str:
         return f"FashionMNIST({self.split}, {len(self)} images from {self.folder})"
@@ -266,6 +313,10 @@ def detect_source(root: str | os.PathLike | None) -> str:
     folder."""
     if root is None or str(root) == "fashion_mnist":
         return "fashion_mnist"
+    from simmim.data.shards import is_shard_root, is_url
+
+    if is_url(root) or is_shard_root(root):
+        return "shards"
     root = _existing(root)
     if is_fashion_mnist_folder(root):
         return "fashion_mnist"
@@ -279,8 +330,17 @@ def detect_source(root: str | os.PathLike | None) -> str:
     return "imagefolder" if has_dirs and not has_images else "folder"
 
 
-def build_source(root: str | os.PathLike | None, source: str = "auto", train: bool = True) -> ImageFiles | FashionMNIST:
-    """The image source at ``root`` (``train`` picks the Fashion-MNIST split); clear errors for bad roots."""
+def build_source(
+    root: str | os.PathLike | None,
+    source: str = "auto",
+    train: bool = True,
+    listing_cache: str | os.PathLike | None = None,
+    shard_options: dict | None = None,
+) -> ImageFiles | FashionMNIST:
+    """The image source at ``root`` (``train`` picks the Fashion-MNIST split); clear errors for bad roots.
+
+    ``listing_cache``: folder keeping folder listings between starts (``simmim.data.scan``); ``shard_options``:
+    keyword arguments of ``ShardSource`` (cache folder and size) for ``source="shards"``."""
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(SOURCES)}")
     if source == "auto":
@@ -289,11 +349,15 @@ def build_source(root: str | os.PathLike | None, source: str = "auto", train: bo
         return FashionMNIST(None if root is None or str(root) == "fashion_mnist" else root, train=train)
     if root is None:
         raise ValueError(f"source={source!r} needs a root: {_LAYOUTS}")
+    if source == "shards":
+        from simmim.data.shards import ShardSource
+
+        return ShardSource(root, **(shard_options or {}))
     if source == "filelist":
         return ImageFiles.from_filelist(root)
     if source == "imagefolder":
-        return ImageFiles.from_imagefolder(root)
-    return ImageFiles.from_folder(root)
+        return ImageFiles.from_imagefolder(root, listing_cache)
+    return ImageFiles.from_folder(root, listing_cache)
 
 
 def _existing(path: str | os.PathLike, folder: bool = False) -> Path:
@@ -303,16 +367,6 @@ def _existing(path: str | os.PathLike, folder: bool = False) -> Path:
     if folder and not path.is_dir():
         raise NotADirectoryError(f"data root {path} is not a folder; expected {_LAYOUTS}")
     return path
-
-
-def _find_images(root: Path) -> list[str]:
-    """Sorted relative paths of the image files under ``root`` (hidden files and folders skipped)."""
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = os.path.relpath(folder, root)
-        found += [os.path.normpath(os.path.join(rel, f)) for f in files if is_image_file(f) and not f.startswith(".")]
-    return sorted(found)
 
 
 def _check_listed_files_exist(path: Path, entries: list[tuple[int, Path, str | None]]) -> None:
@@ -406,8 +460,10 @@ class SampleDataset(Dataset):
         indices: Sequence[int] | None = None,
         max_bad_files: int = 100,
         fixed_epoch: int | None = None,
+        split: str = "training",
     ) -> None:
         self.source = source
+        self.split = split  # for messages: training, validation or test images
         self.transform = transform
         self.seed = seed
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
@@ -427,37 +483,50 @@ class SampleDataset(Dataset):
         return self._bad_count.value
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        return self.sample(key)
+
+    def sample(self, key: int | tuple[int, int], raw: bool = False) -> dict[str, torch.Tensor | int]:
+        """Sample ``key``; ``raw``: as the transform's ``raw`` gives it when it has one (e.g. 8-bit images that a
+        loader normalises per batch, after they crossed from the worker: 4x fewer bytes through shared memory)."""
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
         if self.fixed_epoch is not None:
             epoch = self.fixed_epoch
         seed = np.random.SeedSequence([self.seed, epoch, int(index)])
+        # the transform may let the decoder return a smaller image (its crop drawn first from the full size)
+        hint = self.transform.decode_hint(seed) if hasattr(self.transform, "decode_hint") else None
         item = int(index)
-        image = self._load(item)
-        if image is None:
+        loaded = self._load(item, hint)
+        if loaded is None:
             # Every other item once, from a start drawn from (seed, epoch, index): a uniformly random replacement
             # that stays reproducible, and a search that ends once every file has been tried.
             size = len(self)
             start = int(np.random.default_rng([self.seed, epoch, int(index), 1]).integers(size))
             for step in range(size):
                 item = (start + step) % size
-                image = self._load(item)
-                if image is not None:
+                loaded = self._load(item, hint)
+                if loaded is not None:
                     break
             else:
+                key = {"training": "data.root", "validation": "data.val_root"}.get(self.split, "data.test_root")
                 raise TooManyBadFilesError(
-                    f"all {size} image files were tried and every one is unreadable, e.g. {self._examples()}: "
-                    "fix or delete them, or point data.root (data.val_root for validation) at readable images"
+                    f"all {size} {self.split} image files were tried and every one is unreadable, e.g. "
+                    f"{self._examples()}: fix or delete them, or point {key} at readable images"
                 )
-        sample = self.transform(image, seed)
+        image, full_size = loaded
+        transform = self.transform.raw if raw and hasattr(self.transform, "raw") else self.transform
+        sample = transform(image, seed) if hint is None else transform(image, seed, full_size)
         sample["label"] = int(self.source.labels[self.indices[item]])
         return sample
 
-    def _load(self, item: int) -> Image.Image | None:
-        """Item ``item``'s image, or None when its file is (or was already found) unreadable."""
+    def _load(self, item: int, hint=None) -> tuple[np.ndarray | Image.Image, tuple[int, int]] | None:
+        """Item ``item``'s image and full size, or None when its file is (or was already found) unreadable."""
         if self._bad[item]:
             return None
         try:
-            return self.source.load(int(self.indices[item]))
+            if hasattr(self.source, "pixels"):
+                return self.source.pixels(int(self.indices[item]), hint)
+            image = self.source.load(int(self.indices[item]))
+            return image, image.size
         except BadImageError as err:
             self._record_bad(item, err)
             return None

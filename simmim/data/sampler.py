@@ -44,6 +44,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
     ``set_epoch(epoch)`` before each epoch (Lightning does) and ``skip_batches(n)`` to start the *next* iteration at
     batch ``n`` (exact mid-epoch resume); ``len()`` is always the full epoch. ``size_notes``: why the set is this
     small, for the message when it cannot fill one batch (see :func:`too_few_samples`).
+
+    ``groups`` (shards): sizes of the consecutive runs of indices stored together (indices ``0..g0-1`` in the first,
+    and so on). With ``shuffle``, an epoch then permutes the groups, gives each rank one contiguous part of that
+    sequence (ranks read different shards; a group on a boundary is split between two ranks) and shuffles the
+    indices within windows of ``window`` consecutive groups: a rank reads about ``window`` shards at a time, each
+    from start to end in a random order, and every epoch visits shards and their samples in a new order. Each
+    sample keeps its (seed, epoch, index) randomness; what changes is only which samples share a batch. Exact
+    resume needs the same world size and batch size (the parts of the ranks depend on both).
     """
 
     def __init__(
@@ -56,6 +64,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         rank: int | None = None,
         world_size: int | None = None,
         size_notes: Sequence[tuple[str, str]] = (),
+        groups: Sequence[int] | None = None,
+        window: int = 4,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
@@ -66,6 +76,16 @@ class EpochSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.size, self.batch_size, self.shuffle, self.drop_last, self.seed = size, batch_size, shuffle, drop_last, seed
         self.size_notes = tuple(size_notes)
+        if groups is not None:
+            groups = np.asarray(groups, np.int64)
+            if groups.sum() != size or (groups < 1).any():
+                raise ValueError(
+                    f"groups must be positive sizes summing to size={size}, got {len(groups)} summing to "
+                    f"{int(groups.sum())}"
+                )
+        if window < 1:
+            raise ValueError(f"window must be >= 1 group, got {window}")
+        self.groups, self.window = groups, window
         if drop_last:
             self.num_batches = size // (self.world_size * batch_size)
             self.num_samples = self.num_batches * batch_size
@@ -88,11 +108,35 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the current epoch, before any skip."""
+        if self.groups is not None and self.shuffle:
+            return self._group_indices()
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         total = self.num_samples * self.world_size
         order = order[:total] if self.drop_last else np.resize(order, total)  # np.resize repeats from the start
         return order[self.rank :: self.world_size]
+
+    def _group_indices(self) -> np.ndarray:
+        """The shard-aware order: groups permuted per (seed, epoch), a contiguous part per rank, indices shuffled
+        within windows of ``window`` groups."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        sizes = self.groups
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        order = rng.permutation(len(sizes))
+        group = np.repeat(order, sizes[order])  # the group of each position of the sequence
+        sequence = np.arange(self.size) - np.repeat(np.cumsum(sizes[order]) - sizes[order], sizes[order])
+        sequence += starts[group]
+        total = self.num_samples * self.world_size
+        if self.drop_last:
+            sequence, group = sequence[:total], group[:total]
+        else:
+            sequence, group = np.resize(sequence, total), np.resize(group, total)
+        part = slice(self.rank * self.num_samples, (self.rank + 1) * self.num_samples)
+        mine, group = sequence[part], group[part]
+        new_group = np.flatnonzero(np.diff(group) != 0) + 1
+        windows = np.split(mine, new_group[self.window - 1 :: self.window])
+        shuffle = np.random.default_rng([self.seed, self.epoch, 1, self.rank])
+        return np.concatenate([shuffle.permutation(w) for w in windows])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start, self._skip = self._skip * self.batch_size, 0
@@ -105,5 +149,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __repr__(self) -> str:
         return (
             f"EpochSampler(size={self.size}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-            f"drop_last={self.drop_last}, seed={self.seed}, rank={self.rank}, world_size={self.world_size})"
+            f"drop_last={self.drop_last}, seed={self.seed}, rank={self.rank}, world_size={self.world_size}"
+            + ("" if self.groups is None else f", groups={len(self.groups)}, window={self.window}")
+            + ")"
         )

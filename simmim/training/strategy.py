@@ -113,6 +113,8 @@ def shard_train_sampler(trainer: pl.Trainer) -> None:
         size_notes=sampler.size_notes,
         rank=trainer.global_rank,
         world_size=trainer.world_size,
+        groups=sampler.groups,  # shards: keep the shard-aware order
+        window=sampler.window,
     )
 
 
