@@ -42,7 +42,7 @@ def _images(folder: Path, n: int = 4, size: int = 64) -> Path:
 def make_run(folder: Path, model: str, img_size: int, window: int) -> Path:
     """A one-step pretraining run folder of ``model`` (the CLI in a subprocess)."""
     run = folder / "run"
-    mask = 32 if img_size % 32 == 0 else 8
+    mask = 32 if img_size % 32 == 0 and img_size > 32 else 8  # masks must leave cells visible
     args = [
         f"data.root={_images(folder / 'images')}", "data.source=folder", "data.batch_size=2", "data.num_workers=0",
         "data.val_fraction=0.0", f"data.mask_patch_size={mask}", f"model.name={model}", f"model.img_size={img_size}",

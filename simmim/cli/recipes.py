@@ -13,7 +13,6 @@ import inspect
 import itertools
 import os
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,13 @@ __all__ = ["RecipeError", "recipes_dir", "available_recipes", "load_recipe", "ex
 
 def recipes_dir() -> Path:
     """``$SIMMIM_RECIPES``, else the source tree's top-level ``recipes/`` folder beside the package, else the copy
-    a wheel installs as ``simmim.recipes``."""
+    a wheel installs inside the package (``simmim/recipes``, see setup.cfg)."""
     env = os.environ.get("SIMMIM_RECIPES")
     if env:
         return Path(env)
-    source = Path(__file__).resolve().parents[2] / "recipes"
-    if (source / "pretrain" / "_base.yaml").is_file():
-        return source
-    return Path(str(resources.files("simmim.recipes")))
+    here = Path(__file__).resolve().parents[1]  # the simmim package
+    source = here.parent / "recipes"  # a source checkout's top-level folder
+    return source if (source / "pretrain" / "_base.yaml").is_file() else here / "recipes"  # a wheel's copy
 
 
 def available_recipes(kind: str) -> list[str]:

@@ -369,7 +369,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     """{global step: loss} of the run's last launch (CSV metrics)."""
     logs = sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     with open(logs[-1] / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")}
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def _args(root, run_dir, cache):
