@@ -272,7 +272,11 @@ def cmd_startup(args) -> None:
     try:
         for name, r in where:
             first = statistics.median(_startup(r, 0, args.world) for _ in range(args.rounds))
-            last = statistics.median(_startup(r, args.world - 1, args.world) for _ in range(args.rounds))
+            last = (
+                statistics.median(_startup(r, args.world - 1, args.world) for _ in range(args.rounds))
+                if args.world > 1
+                else first  # one rank: rank 0 is the last
+            )
             print(f"| {name} | {first:.2f} s | {last:.2f} s |", flush=True)
     finally:
         if server is not None:

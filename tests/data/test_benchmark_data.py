@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 def test_startup_and_listing_benchmarks_print_their_tables(capsys, tmp_path):
     from benchmarks import data
 
-    data.main(["startup", "--samples", "5000", "--per-shard", "500", "--world", "2", "--rounds", "1",
+    data.main(["startup", "--samples", "1000", "--per-shard", "500", "--world", "1", "--rounds", "1",
                "--work", str(tmp_path / "work")])  # fmt: skip
     out = capsys.readouterr().out
     assert "| local folder |" in out and "| s3:// (moto server on loopback) |" in out, out
