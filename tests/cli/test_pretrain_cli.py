@@ -249,7 +249,8 @@ def test_cli_unreadable_images_in_a_loader_worker_end_in_one_error_line(tmp_path
     res = _cli(*_args(bad, tmp_path / "run", "data.num_workers=1", "trainer.max_steps=2"))
     assert res.returncode == 2, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: all 6 training image files were tried and every one is unreadable"), res.stderr[-3000:]
+    expected = "error: all 6 training image files were tried and every one is unreadable"
+    assert last.startswith(expected), res.stderr[-3000:]
     assert "Traceback" not in res.stderr
 
 
