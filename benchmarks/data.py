@@ -458,7 +458,7 @@ def _read_library(name: str, root: str, order: np.ndarray, cache: Path | None) -
     if name.startswith("web"):
         import wids.wids
 
-        from simmim.data.shards import ShardCache
+        from simmim.data.storage import ShardCache
 
         tars = sorted(Path(root).glob("*.tar")) if cache is None else None
         if tars is not None:

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
-import math
 import os
 import platform
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
+
+from simmim import calibration
 
 __all__ = [
     "Machine",
@@ -187,7 +184,8 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
         warning = None
         if device == "cpu" and req.startswith("bf16") and not m.native_bf16:
             warning = (
-                f"precision={req} on a CPU without native bf16 matrix instructions ({m.capability}): {bf16_cost()}; "
+                f"precision={req} on a CPU without native bf16 matrix instructions ({m.capability}): "
+                f"{calibration.bf16_cost()}; "
                 "precision=auto picks 32-true here"
             )
         return PrecisionChoice(req, req, "as requested", warning)
@@ -200,33 +198,6 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
     if m.native_bf16:
         return PrecisionChoice(req, "bf16-mixed", f"CPU with native bf16 matrix instructions ({m.capability})")
     return PrecisionChoice(req, "32-true", f"CPU without native bf16 matrix instructions ({m.capability})")
-
-
-@functools.cache
-def bf16_cost() -> str:
-    """How much slower bf16 matrix products are than float32 on this CPU, measured (~30 ms)."""
-    import torch
-
-    a = torch.randn(256, 256)
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = a.to(dtype)
-        rates[dtype] = 2 * 256**3 / _best_seconds(lambda x=x: x @ x, 3) / 1e9
-    ratio = rates[torch.float32] / rates[torch.bfloat16]
-    return (
-        f"256x256 bf16 products measured {rates[torch.bfloat16]:.1f} GFLOP/s against {rates[torch.float32]:.0f} in "
-        f"float32 ({ratio:.0f}x slower)"
-    )
-
-
-def _best_seconds(fn: Any, repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 # ---- CPU kernels ------------------------------------------------------------------------------------------------
@@ -311,7 +282,9 @@ def _decide_fast_paths() -> FastPaths:
         onednn = forced
         reasons["oneDNN float32 linears"] = f"{'on' if forced else 'off'} (SIMMIM_ONEDNN_LINEAR={int(forced)})"
     else:
-        speedup, cached = _linear_calibration()
+        threads = torch.get_num_threads()
+        key = [m.cpu_model, m.capability, str(m.native_bf16), torch.__version__, str(threads), *m.imitated]
+        speedup, cached = calibration.linear_speedup(key, describe(threads))
         onednn = speedup >= ONEDNN_MIN_SPEEDUP
         reasons["oneDNN float32 linears"] = (
             f"{'on' if onednn else 'off'} (measured {speedup:.2f}x F.linear at {torch.get_num_threads()} threads; "
@@ -322,72 +295,6 @@ def _decide_fast_paths() -> FastPaths:
         f"on, {m.vector_bytes * 8}-bit vectors ({m.capability})" if attention else "off (SIMMIM_CPU_ATTENTION=0)"
     )
     return FastPaths(onednn, attention, m.vector_bytes, reasons)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SIMMIM_CACHE_DIR") or Path.home() / ".cache" / "simmim")
-
-
-def _fingerprint(threads: int) -> str:
-    import torch
-
-    m = machine()
-    key = ["linear-v2", m.cpu_model, m.capability, str(m.native_bf16), torch.__version__, str(threads), *m.imitated]
-    return hashlib.sha1("|".join(key).encode()).hexdigest()[:16]
-
-
-def _linear_calibration() -> tuple[float, bool]:
-    """(oneDNN's speed over F.linear for a float32 linear of SwinV2's shape, read from the cache?)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    path = cache_dir() / "calibration.json"
-    key = _fingerprint(threads)
-    try:
-        cached = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError):
-        cached = None
-    if isinstance(cached, Mapping) and isinstance(cached.get("onednn_linear_speedup"), float):
-        return cached["onednn_linear_speedup"], True
-    speedup = _measure_linear_speedup()
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data[key] = {"onednn_linear_speedup": speedup, "machine": describe(threads)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass  # an unwritable cache only costs the next process its own measurement
-    return speedup, False
-
-
-def _measure_linear_speedup() -> float:
-    """Best-of-3 time of a float32 linear's forward and backward (three products) through ``F.linear`` over the same
-    three products through oneDNN's inner product as :mod:`simmim.kernels.linear` runs them (plain torch ops: this
-    module imports no kernel), for x [256, 384] @ w [1536, 384]^T + b (a SwinV2-T MLP layer; ~0.9 GFLOP, a few ms each
-    on a small CPU), interleaved so background load hits both alike."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(0)
-    grad = torch.randn(256, 1536, generator=g)
-    ip = lambda a, b, bias=None: torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")  # noqa: E731
-    kernels = {
-        "aten": lambda x, w, b: F.linear(x, w, b).backward(grad),
-        "onednn": lambda x, w, b: (ip(x, w, b), ip(grad, w.t().contiguous()), ip(x.t(), grad.t()).t(), grad.sum(0)),
-    }
-    best = {k: math.inf for k in kernels}
-    # decided wherever the first linear runs: also inside no_grad, inference_mode or autocast
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((256, 384), (1536, 384), (1536,)))
-        for warm in (True, False, False, False):
-            for k, fn in kernels.items():
-                t = time.perf_counter()
-                fn(*((x, w, b) if k == "aten" else (x.detach(), w.detach(), b.detach())))
-                if not warm:
-                    best[k] = min(best[k], time.perf_counter() - t)
-    return round(best["aten"] / best["onednn"], 3)
 
 
 # ---- threads ----------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from simmim.data import (
     open_image,
     read_idx,
 )
-from simmim.data import datasets as datasets_module
+from simmim.data import fashion_mnist as fashion_mnist_module
 
 
 def _rgb(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -234,7 +234,7 @@ def test_read_idx_and_fashion_mnist_layout(tmp_path, monkeypatch):
     (tmp_path / "bad").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 100, 28, 28) + bytes(10))
     with pytest.raises(ValueError, match="truncated"):
         read_idx(tmp_path / "bad")
-    monkeypatch.setattr(datasets_module, "FASHION_MNIST_DIRS", (tmp_path / "cache",))
+    monkeypatch.setattr(fashion_mnist_module, "FASHION_MNIST_DIRS", (tmp_path / "cache",))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         FashionMNIST()
 
@@ -612,7 +612,7 @@ def test_every_file_unreadable_stops_once_each_was_tried(tmp_path, num_workers):
     err = info.value
     assert isinstance(err, DataError) and dm.num_bad_files == 20  # each file tried once, in any worker
     lines = str(err).strip().splitlines()
-    assert err.summary == lines[-1].removeprefix("simmim.data.datasets.TooManyBadFilesError: ")
+    assert err.summary == lines[-1].removeprefix("simmim.data.errors.TooManyBadFilesError: ")
     if num_workers:  # PyTorch re-raised it from the worker: the sentence is the last line
         assert lines[0].startswith("Caught TooManyBadFilesError in DataLoader worker process")
     assert err.summary.startswith("all 20 training image files were tried and every one is unreadable, e.g. ")

@@ -20,28 +20,13 @@ Problems found once training runs raise ``DataError`` (``TooManyBadFilesError`` 
 All randomness (crop, flip, RandAugment, erasing, mask) is derived from (seed, epoch, sample index).
 """
 
-from simmim.data.datamodule import (
-    ClassificationDataModule,
-    PretrainDataModule,
-    check_split,
-    label_subset,
-    split_indices,
-)
-from simmim.data.datasets import (
-    FASHION_MNIST_CLASSES,
-    BadImageWarning,
-    DataError,
-    FashionMNIST,
-    ImageFiles,
-    SampleDataset,
-    TooManyBadFilesError,
-    build_source,
-    detect_source,
-    read_idx,
-    show_bad_images_plainly,
-)
+from simmim.data.datamodule import ClassificationDataModule, PretrainDataModule
+from simmim.data.datasets import ImageFiles, SampleDataset, build_source, detect_source
+from simmim.data.errors import BadImageWarning, DataError, TooManyBadFilesError, show_bad_images_plainly
+from simmim.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, read_idx
 from simmim.data.images import IMG_EXTENSIONS, BadImageError, open_image
 from simmim.data.sampler import EpochSampler
+from simmim.data.splits import check_split, label_subset, split_indices
 from simmim.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

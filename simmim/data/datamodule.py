@@ -16,20 +16,36 @@ run folder) where folder listings are kept, so a resume or another rank does not
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from simmim.data.datasets import DataError, FashionMNIST, SampleDataset, build_source, detect_source
+from simmim.data.datasets import SampleDataset, build_source, detect_source
+from simmim.data.fashion_mnist import FashionMNIST
+from simmim.data.loading import (
+    NormalisingLoader,
+    PrefetchingSampler,
+    RawBatches,
+    check_cache_size,
+    limit_worker_threads,
+)
 from simmim.data.sampler import EpochSampler
-from simmim.data.shards import ShardPrefetcher, is_shard_root, is_url, split_root
+from simmim.data.splits import (
+    Root,
+    check_split,
+    held_out,
+    label_subset,
+    require_labels,
+    split_indices,
+    subfolder,
+    train_folder,
+    val_folder,
+)
 from simmim.data.transforms import (
     EVAL_RESIZE_RATIO,
     IMAGENET_MEAN,
@@ -41,52 +57,14 @@ from simmim.data.transforms import (
 )
 from simmim.masking import MaskGenerator
 
-__all__ = ["ClassificationDataModule", "PretrainDataModule", "check_split", "split_indices", "label_subset"]
-
-Root = str | os.PathLike | None
-
-
-def split_indices(size: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, val) split of ``range(size)``: ``round(val_fraction * size)`` validation items, but at
-    least one and never all (a small folder with the recipe's 1% still validates on one image)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    order = np.random.default_rng([seed, 0x5A11]).permutation(size)
-    n_val = min(max(1, round(val_fraction * size)), size - 1) if val_fraction else 0
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def check_split(size: int, val_fraction: float) -> None:
-    """Fail when ``val_fraction`` asks for a validation split of fewer than two images."""
-    if val_fraction and size < 2:
-        raise DataError(
-            f"data.val_fraction={val_fraction} cannot split {size} image: add images, or set data.val_fraction=0 "
-            "to train without validation"
-        )
-
-
-def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Positions of a class-balanced deterministic subset: ``max(1, round(fraction * n_c))`` of each class c.
-
-    Subsets are nested: the 10% subset is contained in the 20% one (same per-class order), which keeps
-    label-efficiency curves comparable.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label_fraction must lie in (0, 1], got {fraction}")
-    keep = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        members = members[np.random.default_rng([seed, int(c)]).permutation(len(members))]
-        keep.append(members[: max(1, round(fraction * len(members)))])
-    return np.sort(np.concatenate(keep))
-
-
-def _limit_threads(worker_id: int) -> None:
-    cv2.setNumThreads(1)  # OpenCV's own thread pool in every worker oversubscribes the cores
+__all__ = ["ClassificationDataModule", "PretrainDataModule"]
 
 
 class _DataModule(pl.LightningDataModule):
-    """Loader plumbing shared by both modules: rank discovery, samplers, worker settings, bad-file counts."""
+    """Loader plumbing shared by both modules: rank discovery, samplers, worker settings, bad-file counts.
+
+    Both modules pass ``**loading`` here: ``rank``/``world_size`` (None: the trainer's), ``listing_cache``,
+    ``cache_dir``, ``cache_limit`` and ``shard_window`` (see the module docstring)."""
 
     def __init__(
         self,
@@ -95,8 +73,8 @@ class _DataModule(pl.LightningDataModule):
         pin_memory: bool,
         seed: int,
         max_bad_files: int,
-        rank: int | None,
-        world_size: int | None,
+        rank: int | None = None,
+        world_size: int | None = None,
         listing_cache: Root = None,
         cache_dir: Root = None,
         cache_limit: str | int = "20GB",
@@ -147,18 +125,18 @@ class _DataModule(pl.LightningDataModule):
         if sampler is None:
             sampler = self._sampler(dataset, train=False)
         if self.num_workers > 0:
-            # The workers' cv2.setNumThreads(1) (_limit_threads) blocks forever in a worker forked while this
+            # The workers' cv2.setNumThreads(1) (limit_worker_threads) blocks forever in a worker forked while this
             # process's OpenCV pool is alive (e.g. after transforms ran here): the child inherits the pool's
             # condition variables with waiters that do not exist. One OpenCV thread here leaves no pool to copy;
             # this process does little OpenCV work once workers load the data.
             cv2.setNumThreads(1)
         if getattr(dataset.source, "cache", None) is not None and sampler.shuffle:
-            _check_cache_size(dataset.source, self.shard_window)
-            sampler = _Prefetching(sampler, dataset, self.shard_window)
+            check_cache_size(dataset.source, self.shard_window)
+            sampler = PrefetchingSampler(sampler, dataset, self.shard_window)
         loader, extra = DataLoader, {}
         if hasattr(dataset.transform, "raw"):  # 8-bit images cross from the workers, normalised per batch
-            loader, extra = _NormalisingLoader, {"on_device": self._trainer_device() not in (None, "cpu")}
-            dataset = _RawBatches(dataset)
+            loader, extra = NormalisingLoader, {"on_device": self._trainer_device() not in (None, "cpu")}
+            dataset = RawBatches(dataset)
         return loader(
             dataset,
             **extra,
@@ -168,7 +146,7 @@ class _DataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=_limit_threads if self.num_workers > 0 else None,
+            worker_init_fn=limit_worker_threads if self.num_workers > 0 else None,
         )
 
     def _trainer_device(self) -> str | None:
@@ -230,20 +208,12 @@ class PretrainDataModule(_DataModule):
         std: Sequence[float] = IMAGENET_STD,
         max_bad_files: int = 100,
         seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        listing_cache: Root = None,
-        cache_dir: Root = None,
-        cache_limit: str | int = "20GB",
-        shard_window: int = 4,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size,
-            listing_cache, cache_dir, cache_limit, shard_window,
-        )  # fmt: skip
+        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, **loading)
         self.save_hyperparameters()
         if str(val_root) == "auto":
-            val_root = _val_folder(root, source)
+            val_root = val_folder(root, source)
             if val_root is not None:  # a val/ folder beside train/ is the validation set: nothing held out
                 val_fraction = 0.0
         elif val_root is not None and val_fraction:
@@ -253,12 +223,12 @@ class PretrainDataModule(_DataModule):
             )
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.transform = PretrainTransform(img_size, crop_scale, crop_ratio, mean, std, self.mask_generator)
-        self.source = self._build(_train_folder(root, source), source)
+        self.source = self._build(train_folder(root, source), source)
         self.val_source = None if val_root is None else self._build(val_root, source, train=False)
         self.train_indices, self.val_indices = split_indices(len(self.source), val_fraction, seed)
         check_split(len(self.source), val_fraction)
         if val_fraction:
-            self.size_notes.append(_held_out(val_fraction, len(self.val_indices), len(self.source)))
+            self.size_notes.append(held_out(val_fraction, len(self.val_indices), len(self.source)))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -308,17 +278,9 @@ class ClassificationDataModule(_DataModule):
         std: Sequence[float] = IMAGENET_STD,
         max_bad_files: int = 100,
         seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        listing_cache: Root = None,
-        cache_dir: Root = None,
-        cache_limit: str | int = "20GB",
-        shard_window: int = 4,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            batch_size, num_workers, pin_memory, seed, max_bad_files, rank, world_size,
-            listing_cache, cache_dir, cache_limit, shard_window,
-        )  # fmt: skip
+        super().__init__(batch_size, num_workers, pin_memory, seed, max_bad_files, **loading)
         self.save_hyperparameters()
         self.train_transform = SampleTransform(
             finetune_transform(
@@ -335,11 +297,11 @@ class ClassificationDataModule(_DataModule):
             test = FashionMNIST(folder, train=False)
             self.val_source, self.test_source = (None, test) if val_fraction else (test, test)
         else:
-            self.source = self._build(train_root or _train_folder(root, source), source)
-            _require_labels(self.source, train_root or root)
-            val_root = val_root or _subfolder(root, "val")
+            self.source = self._build(train_root or train_folder(root, source), source)
+            require_labels(self.source, train_root or root)
+            val_root = val_root or subfolder(root, "val")
             self.val_source = None if val_root is None else self._build(val_root, source)
-            test_root = test_root or _subfolder(root, "test")
+            test_root = test_root or subfolder(root, "test")
             self.test_source = self.val_source if test_root is None else self._build(test_root, source)
             if self.val_source is not None and val_fraction:
                 raise ValueError(f"give a validation folder ({val_root}) or val_fraction ({val_fraction}), not both")
@@ -354,7 +316,7 @@ class ClassificationDataModule(_DataModule):
         check_split(len(self.source), val_fraction)
         self.train_indices = train_indices[label_subset(self.source.labels[train_indices], label_fraction, seed)]
         if val_fraction:
-            self.size_notes.append(_held_out(val_fraction, len(self.val_indices), len(self.source)))
+            self.size_notes.append(held_out(val_fraction, len(self.val_indices), len(self.source)))
         if len(self.train_indices) < len(train_indices):
             self.size_notes.append(
                 (
@@ -386,125 +348,3 @@ class ClassificationDataModule(_DataModule):
         """The training images (after ``label_fraction``) with the evaluation transform, in order and sharded like
         validation: features for a kNN memory bank or a linear probe."""
         return self._loader(self._dataset(self.source, self.eval_transform, self.train_indices))
-
-
-def _require_labels(source, root: Root) -> None:
-    """Classification needs labels: said first, before any missing validation split."""
-    if (source.labels < 0).any():
-        raise ValueError(
-            f"{source!r} from {root} has no labels: classification needs an ImageFolder tree (one subfolder per "
-            "class) or a file list with a label on every line"
-        )
-
-
-def _subfolder(root: Root, name: str) -> Path | str | None:
-    """``root/name`` when it is a folder (or, for a URL root, when it holds shards)."""
-    if root is not None and is_url(root):
-        return split_root(root, name)
-    if root is None or not Path(root).is_dir() or not (Path(root) / name).is_dir():
-        return None
-    return Path(root) / name
-
-
-def _held_out(val_fraction: float, n_val: int, size: int) -> tuple[str, str]:
-    return f"data.val_fraction={val_fraction} held out {n_val} of {size} images", "lower data.val_fraction"
-
-
-def _val_folder(root: Root, source: str) -> Path | None:
-    """``root/val`` when the root has the ImageNet layout (``train`` and ``val``) that ``_train_folder`` follows."""
-    if source in ("auto", "folder", "imagefolder", "shards") and _subfolder(root, "train") is not None:
-        return _subfolder(root, "val")
-    return None
-
-
-def _train_folder(root: Root, source: str) -> Root:
-    """``root/train`` when an ImageFolder-style root holds one (ImageNet layout), else ``root``."""
-    if source in ("auto", "folder", "imagefolder", "shards"):
-        if source == "shards" and root is not None and is_shard_root(root):
-            return root  # the manifest is here: this is the set, whatever subfolders it has
-        return _subfolder(root, "train") or root
-    return root
-
-
-def _check_cache_size(source, window: int) -> None:
-    """Warn when the shard cache cannot hold what one training process uses at a time: the ``window`` shards it
-    reads, as many downloaded ahead, and one more."""
-    largest = max((s for s in source.sizes if s), default=0)
-    need = (2 * window + 1) * largest
-    if largest and source.cache.limit < need:
-        warnings.warn(
-            f"data.cache_limit ({source.cache.limit} bytes) holds {source.cache.limit // largest} shards of "
-            f"{source.root}, fewer than the {2 * window + 1} one training process uses at a time "
-            f"(data.shard_window={window} read, as many downloaded ahead, one more): shards will be deleted and "
-            f"downloaded again; raise data.cache_limit to at least {need} bytes per process on this machine",
-            stacklevel=3,
-        )
-
-
-class _Prefetching(torch.utils.data.Sampler):
-    """The training sampler, with the shards its epoch will read downloaded ahead in this process (a background
-    thread, ``ShardPrefetcher``); ``set_epoch`` and length pass through, and resume state stays in the
-    ``EpochSampler`` (the data module's ``train_sampler``)."""
-
-    def __init__(self, sampler: EpochSampler, dataset: SampleDataset, window: int) -> None:
-        self.sampler, self.dataset = sampler, dataset
-        self.drop_last, self.shuffle = sampler.drop_last, sampler.shuffle
-        self.prefetcher = ShardPrefetcher(dataset.source, ahead=window)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        keys = list(self.sampler)
-        positions = np.fromiter((k[0] for k in keys), np.int64, len(keys))
-        shards = self.dataset.source.shard_of(self.dataset.indices[positions])
-        return self.prefetcher.follow(keys, shards)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class _RawBatches(torch.utils.data.Dataset):
-    """A ``SampleDataset`` whose batched reads (``__getitems__``, what a DataLoader worker calls) give the
-    transform's raw 8-bit images; single items (``dataset[i]``) stay normalised, as everywhere else."""
-
-    def __init__(self, dataset: SampleDataset) -> None:
-        self.dataset = dataset
-
-    def __getitems__(self, keys) -> list[dict]:
-        return [self.dataset.sample(key, raw=True) for key in keys]
-
-    def __getitem__(self, key):
-        return self.dataset[key]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):
-        if name == "dataset":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-class _NormalisingLoader(DataLoader):
-    """A DataLoader over :class:`_RawBatches`: batches cross from the workers as 8-bit images (a quarter of the
-    shared memory that float32 takes, and of its page faults: most of a worker's overhead per image) and are
-    normalised here, bit for bit as per sample (``PretrainTransform.normalize``), so they are float32 as before.
-    ``on_device``: leave them 8-bit; the data module's ``on_after_batch_transfer`` normalises them on the GPU."""
-
-    def __init__(self, dataset: _RawBatches, *args, on_device: bool = False, **kwargs) -> None:
-        super().__init__(dataset, *args, **kwargs)
-        self.on_device = on_device
-
-    def __iter__(self):
-        batches = super().__iter__()
-        if self.on_device:
-            return batches
-        return self._normalised(batches)
-
-    def _normalised(self, batches):
-        normalize = self.dataset.dataset.transform.normalize
-        for batch in batches:
-            if batch["image"].dtype == torch.uint8:
-                batch["image"] = normalize(batch["image"], pin_memory=self.pin_memory)
-            yield batch

@@ -37,8 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from simmim.data.datasets import SOURCES, DataError, FashionMNIST, ImageFiles, build_source
-from simmim.data.shards import FORMAT, MANIFEST, parse_size
+from simmim.data.datasets import SOURCES, ImageFiles, build_source, detect_source
+from simmim.data.errors import DataError
+from simmim.data.fashion_mnist import FashionMNIST
+from simmim.data.shards import FORMAT, MANIFEST
+from simmim.data.storage import parse_size
 
 __all__ = ["main", "pack"]
 
@@ -81,8 +84,6 @@ def _splits(source: str | os.PathLike, kind: str) -> list[tuple[str, object]]:
 
 
 def _is_fashion(root: Path | None) -> bool:
-    from simmim.data.datasets import detect_source
-
     return root is None or detect_source(root) == "fashion_mnist"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from simmim.data.datasets import DataError
+from simmim.data.errors import DataError
 
 __all__ = ["EpochSampler", "too_few_samples"]
 

@@ -25,14 +25,10 @@ Credentials and endpoints come from the usual environment (``AWS_*`` incl. ``AWS
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import io
 import json
 import os
-import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,71 +36,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simmim.data.errors import DataError
 from simmim.data.images import BadImageError, decode_image, open_image
+from simmim.data.storage import (
+    DEFAULT_CACHE_DIR,
+    ShardCache,
+    exists,
+    is_url,
+    join_url,
+    local_path,
+    parse_size,
+    read_bytes,
+)
 
-__all__ = [
-    "MANIFEST",
-    "ShardCache",
-    "ShardPrefetcher",
-    "ShardSource",
-    "is_shard_root",
-    "is_url",
-    "join_url",
-    "parse_size",
-    "split_root",
-]
+__all__ = ["FORMAT", "MANIFEST", "ShardPrefetcher", "ShardSource", "is_shard_root", "split_root"]
 
 MANIFEST = "manifest.json"
 FORMAT = "simmim-shards"
-DEFAULT_CACHE_DIR = Path("~/.cache/simmim/shards")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_RETRIES = (1.0, 2.0, 4.0)  # seconds between download attempts
-
-
-def _error(message: str) -> Exception:
-    from simmim.data.datasets import DataError  # datasets imports this module lazily: no cycle at import time
-
-    return DataError(message)
-
-
-def is_url(root: str | os.PathLike | None) -> bool:
-    """True for ``scheme://...`` other than ``file://`` (which is a local path)."""
-    text = str(root)
-    return bool(_SCHEME.match(text)) and not text.startswith("file://")
-
-
-def _local(root: str | os.PathLike) -> str:
-    text = str(root)
-    return text[len("file://") :] if text.startswith("file://") else os.path.expanduser(text)
-
-
-def join_url(root: str, name: str) -> str:
-    """``root/name`` for a URL or a local path."""
-    return root.rstrip("/") + "/" + name if is_url(root) else os.path.join(_local(root), name)
-
-
-def _filesystem(url: str):
-    """The fsspec filesystem and path for ``url``, or a one-line error naming the package it needs."""
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
-        scheme = url.split("://", 1)[0]
-        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(scheme)
-        hint = f"pip install {package}" if package else f"install the fsspec implementation for {scheme}://"
-        raise _error(f"data.root={url}: cannot open {scheme}:// URLs ({err}): {hint}") from err
-
-
-def _exists(url: str) -> bool:
-    if not is_url(url):
-        return os.path.isfile(_local(url))
-    fs, path = _filesystem(url)
-    try:
-        return fs.exists(path)
-    except OSError:
-        return False
 
 
 def is_shard_root(root: str | os.PathLike | None) -> bool:
@@ -115,130 +63,7 @@ def is_shard_root(root: str | os.PathLike | None) -> bool:
 def split_root(root: str | os.PathLike, split: str) -> str | None:
     """``root/split`` when it holds a shard manifest (a packed ImageNet layout: train/, val/), else None."""
     candidate = join_url(str(root), split)
-    return candidate if _exists(join_url(candidate, MANIFEST)) else None
-
-
-def parse_size(value: str | int | float) -> int:
-    """Bytes from ``256MB``, ``20GB``, ``1.5TiB`` or a number (KB/MB/GB/TB: powers of 1000; KiB/...: of 1024)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    found = _SIZE.match(str(value))
-    if not found:
-        raise ValueError(f"size {value!r}: write a number of bytes or e.g. 256MB, 20GB, 1.5TiB")
-    number, unit = float(found.group(1)), (found.group(2) or "B").upper()
-    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
-    if unit in ("B", ""):
-        return int(number)
-    base = 1024 if "I" in unit else 1000
-    return int(number * base ** powers[unit[0]])
-
-
-def _read(url: str) -> bytes:
-    if not is_url(url):
-        with open(_local(url), "rb") as f:
-            return f.read()
-    fs, path = _filesystem(url)
-    return fs.cat_file(path)
-
-
-class ShardCache:
-    """Whole shards downloaded into a local folder, shared by every process on the machine, least recently used
-    deleted first so the folder stays within ``limit`` bytes.
-
-    Concurrency: a file lock per shard (one download per machine; others wait, then read it) and one lock around
-    eviction. Downloads land in a temporary file, are checked against the manifest's size and renamed, so a
-    killed download never leaves a truncated shard. A shard deleted while another process reads it stays readable
-    there (POSIX keeps the file until it is closed).
-    """
-
-    def __init__(self, folder: str | os.PathLike, limit: int) -> None:
-        self.folder = Path(folder).expanduser()
-        self.limit = int(limit)
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def path(self, url: str) -> Path:
-        """Where ``url`` is kept: its name, prefixed by a hash of its URL (shards of different datasets share the
-        folder and its limit)."""
-        digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-        return self.folder / f"{digest}-{url.rstrip('/').rsplit('/', 1)[-1]}"
-
-    def fetch(self, url: str, size: int | None = None) -> Path:
-        """The local copy of ``url``, downloaded first when missing (``size``: expected bytes, checked)."""
-        local = self.path(url)
-        if local.exists():
-            _touch(local)
-            return local
-        with _locked(local.with_name(local.name + ".lock")):
-            if local.exists():  # another process downloaded it while this one waited
-                _touch(local)
-                return local
-            self._make_room(size or 0, keep=local)
-            self._download(url, local, size)
-        return local
-
-    def _download(self, url: str, local: Path, size: int | None) -> None:
-        fs, path = _filesystem(url)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.part")
-        for attempt, pause in enumerate((*_RETRIES, None)):
-            try:
-                fs.get_file(path, str(tmp))
-                got = tmp.stat().st_size
-                if size is not None and got != size:
-                    raise OSError(f"downloaded {got} bytes, manifest.json says {size}")
-                os.replace(tmp, local)
-                return
-            except Exception as err:  # network errors come as many types (OSError, ClientError, timeouts)
-                tmp.unlink(missing_ok=True)
-                if isinstance(err, FileNotFoundError) or pause is None:
-                    tries = f" after {attempt + 1} tries" if attempt else ""
-                    raise _error(
-                        f"cannot download shard {url}{tries}: {type(err).__name__}: {err}; check the URL, the "
-                        "credentials and the network (shards and manifest.json must stay together)"
-                    ) from err
-                time.sleep(pause)
-
-    def _make_room(self, incoming: int, keep: Path) -> None:
-        """Delete the least recently used shards until ``incoming`` more bytes fit within the limit."""
-        with _locked(self.folder / ".evict.lock"):
-            files = []
-            for entry in os.scandir(self.folder):
-                if entry.name.endswith(".tar") and entry.path != str(keep):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    files.append((st.st_mtime_ns, st.st_size, entry.path))
-            total = sum(size for _, size, _ in files)
-            for _, size, path in sorted(files):
-                if total + incoming <= self.limit:
-                    break
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                total -= size
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)  # mtime is the "last used" time eviction sorts by
-    except OSError:
-        pass
-
-
-class _locked:
-    """An exclusive ``flock`` on ``path`` for the ``with`` block (between processes; released if one dies)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.file = open(self.path, "a")
-        fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-        self.file.close()
+    return candidate if exists(join_url(candidate, MANIFEST)) else None
 
 
 class ShardSource:
@@ -259,14 +84,14 @@ class ShardSource:
         self.remote = is_url(self.root)
         url = join_url(self.root, MANIFEST)
         try:
-            raw = _read(url)
+            raw = read_bytes(url)
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"data.root={self.root} holds no {MANIFEST}: with data.source=shards it must be a folder or URL "
                 "written by `python -m simmim.data.pack SOURCE OUT` (or one holding such train/ and val/ folders)"
             ) from err
         except OSError as err:
-            raise _error(f"cannot read {url}: {type(err).__name__}: {err}") from err
+            raise DataError(f"cannot read {url}: {type(err).__name__}: {err}") from err
         try:
             manifest = json.loads(raw)
             if manifest.get("format") != FORMAT:
@@ -277,13 +102,13 @@ class ShardSource:
             self.sizes = [s.get("filesize") for s in shards]
             self.class_names = list(manifest.get("classes") or [])
         except (ValueError, KeyError, TypeError) as err:
-            raise _error(f"{url} is not a shard manifest written by simmim.data.pack ({err}): re-run pack") from err
+            raise DataError(f"{url} is not a shard manifest written by simmim.data.pack ({err}): re-run pack") from err
         self.manifest = manifest
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         if manifest.get("labels"):
-            labels = np.load(io.BytesIO(_read(join_url(self.root, manifest["labels"]))), allow_pickle=False)
+            labels = np.load(io.BytesIO(read_bytes(join_url(self.root, manifest["labels"]))), allow_pickle=False)
             if len(labels) != self.starts[-1]:
-                raise _error(f"{self.root}: {len(labels)} labels for {self.starts[-1]} samples: re-run pack")
+                raise DataError(f"{self.root}: {len(labels)} labels for {self.starts[-1]} samples: re-run pack")
             self.labels = labels.astype(np.int64)
         else:
             self.labels = np.full(int(self.starts[-1]), -1, np.int64)
@@ -293,7 +118,7 @@ class ShardSource:
             self.cache = ShardCache(cache_dir or DEFAULT_CACHE_DIR, limit)
             largest = max((s for s in self.sizes if s), default=0)
             if largest > limit:
-                raise _error(
+                raise DataError(
                     f"data.cache_limit={cache_limit} is smaller than one shard of {self.root} ({largest} bytes): "
                     "raise data.cache_limit"
                 )
@@ -342,7 +167,7 @@ class ShardSource:
     def local_path(self, shard: int) -> Path:
         """The shard's file on this machine (downloaded into the cache first for a URL)."""
         if self.cache is None:
-            return Path(_local(self.urls[shard]))
+            return Path(local_path(self.urls[shard]))
         return self.cache.fetch(self.urls[shard], self.sizes[shard])
 
     def _shard(self, shard: int):
@@ -360,10 +185,11 @@ class ShardSource:
         try:
             samples = IndexedTarSamples(path=str(path))
         except Exception as err:  # a damaged tar: not one bad image but a broken dataset
-            raise _error(f"cannot index shard {self.urls[shard]} ({type(err).__name__}: {err}): re-run pack") from err
+            what = f"{type(err).__name__}: {err}"
+            raise DataError(f"cannot index shard {self.urls[shard]} ({what}): re-run pack") from err
         if len(samples) != expected:
             samples.close()
-            raise _error(
+            raise DataError(
                 f"shard {self.urls[shard]} holds {len(samples)} samples, {MANIFEST} says {expected}: the shards and "
                 "the manifest do not belong together; re-run pack"
             )

@@ -232,7 +232,7 @@ class SampleTransform:
         self, image: Image.Image | np.ndarray, seed: np.random.SeedSequence, full_size: tuple[int, int] | None = None
     ) -> dict[str, torch.Tensor]:
         """``full_size``: (width, height) of the image at full resolution when ``image`` was decoded smaller."""
-        aug_seed, mask_seed = _children(seed)
+        aug_seed, mask_seed = seed_children(seed)
         out = {"image": self._augment(np.asarray(image), aug_seed, full_size)}
         if self.mask_generator is not None:
             out["mask"] = torch.from_numpy(self.mask_generator(np.random.default_rng(mask_seed)))
@@ -248,7 +248,7 @@ class SampleTransform:
         return f"{type(self).__name__}({self.augment!r}, mask_generator={self.mask_generator!r})"
 
 
-def _children(seed: np.random.SeedSequence) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+def seed_children(seed: np.random.SeedSequence) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
     """The augmentation's and the mask's seeds: children 0 and 1 of the sample's seed."""
     return tuple(np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, k)) for k in (0, 1))
 
@@ -296,18 +296,18 @@ class PretrainTransform(SampleTransform):
             self._last_states = (key, seed.generate_state(self._count))
         return self._last_states[1]
 
-    def _crop_box(self, seed: np.random.SeedSequence, width: int, height: int) -> tuple[int, int, int, int]:
+    def crop_box(self, seed: np.random.SeedSequence, width: int, height: int) -> tuple[int, int, int, int]:
         """(x1, y1, x2, y2) on the full-size image: the RandomResizedCrop node's draw for this seed."""
         state = self._states(seed)[self._crop_node]
         self._crop.py_random = random.Random(int(state))  # what set_random_seed gives it (its numpy one is unused)
         return self._crop.get_params_dependent_on_data({"shape": (height, width)}, {})["crop_coords"]
 
     def decode_hint(self, seed: np.random.SeedSequence) -> Callable[[int, int], tuple[int, int]]:
-        aug_seed = _children(seed)[0]
+        aug_seed = seed_children(seed)[0]
         out_h, out_w = self.size
 
         def min_size(width: int, height: int) -> tuple[int, int]:
-            x1, y1, x2, y2 = self._crop_box(aug_seed, width, height)
+            x1, y1, x2, y2 = self.crop_box(aug_seed, width, height)
             # the reduced crop keeps at least twice the output size, so the area downscale after it still averages
             # 2x2+ pixels per output pixel and rounding the box to reduced pixels moves it by <= 1/4 output pixel
             return math.ceil(width * 2 * out_w / (x2 - x1)), math.ceil(height * 2 * out_h / (y2 - y1))
@@ -319,7 +319,7 @@ class PretrainTransform(SampleTransform):
     ) -> dict[str, torch.Tensor]:
         """As calling it, but ``image`` stays 8-bit (uint8 [3,H,W]): :meth:`normalize` turns a batch of them into
         exactly what calling gives."""
-        aug_seed, mask_seed = _children(seed)
+        aug_seed, mask_seed = seed_children(seed)
         out = {"image": torch.from_numpy(self._crop_flip(np.asarray(image), aug_seed, full_size).transpose(2, 0, 1))}
         if self.mask_generator is not None:
             out["mask"] = torch.from_numpy(self.mask_generator(np.random.default_rng(mask_seed)))
@@ -356,7 +356,7 @@ class PretrainTransform(SampleTransform):
         """The cropped, resized and maybe flipped 8-bit image (H x W x 3)."""
         height, width = image.shape[:2]
         full_w, full_h = full_size or (width, height)
-        x1, y1, x2, y2 = self._crop_box(seed, full_w, full_h)
+        x1, y1, x2, y2 = self.crop_box(seed, full_w, full_h)
         interpolation = self._crop._get_interpolation_for_resize((y2 - y1, x2 - x1), "image")
         if (width, height) == (full_w, full_h):
             out = cv2.resize(image[y1:y2, x1:x2], self.size[::-1], interpolation=interpolation)

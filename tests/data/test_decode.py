@@ -14,7 +14,7 @@ from PIL import Image
 
 from simmim.data import BadImageError, ImageFiles, SampleDataset, open_image
 from simmim.data.images import decode_image
-from simmim.data.transforms import PretrainTransform, SampleTransform, _children, pretrain_transform
+from simmim.data.transforms import PretrainTransform, SampleTransform, pretrain_transform, seed_children
 from simmim.masking import MaskGenerator
 
 LEVELS = (np.array([0.229, 0.224, 0.225]) * 255)[:, None, None]  # normalised units -> levels of 255
@@ -87,7 +87,7 @@ def test_pretrain_transform_draws_the_same_crops_and_gives_the_same_images(tmp_p
             seed = np.random.SeedSequence([7, 1, 100 * n + i])
             expected = reference(image, seed)
             box = reference.augment.transforms[0].params["crop_coords"]  # the reference RandomResizedCrop's draw
-            assert fast._crop_box(_children(seed)[0], image.shape[1], image.shape[0]) == box
+            assert fast.crop_box(seed_children(seed)[0], image.shape[1], image.shape[0]) == box
             got = fast(image, seed)
             assert torch.equal(got["image"], expected["image"]) and torch.equal(got["mask"], expected["mask"])
 
@@ -107,7 +107,7 @@ def test_reduced_jpeg_decoding_keeps_the_crop_within_resampling_noise(tmp_path):
             assert full_size == (1600, 1200)
             factors.append(1600 // small.shape[1])
             a, b = fast(full, seed)["image"].numpy(), fast(small, seed, full_size)["image"].numpy()
-            x1, y1, x2, y2 = fast._crop_box(_children(seed)[0], 1600, 1200)  # the same box at full size
+            x1, y1, x2, y2 = fast.crop_box(seed_children(seed)[0], 1600, 1200)  # the same box at full size
             if x2 < 1600 and y2 < 1200:
                 exact = cv2.resize(full[y1:y2, x1:x2], (192, 192), interpolation=cv2.INTER_AREA).astype(float)
                 shifted = cv2.resize(full[y1 + 1 : y2 + 1, x1 + 1 : x2 + 1], (192, 192), interpolation=cv2.INTER_AREA)

@@ -35,7 +35,8 @@ from simmim.data import (
 )
 from simmim.data.pack import main as pack_main
 from simmim.data.pack import pack
-from simmim.data.shards import ShardCache, ShardPrefetcher, ShardSource, parse_size
+from simmim.data.shards import ShardPrefetcher, ShardSource
+from simmim.data.storage import ShardCache, parse_size
 from simmim.data.transforms import PretrainTransform
 from simmim.masking import MaskGenerator
 
