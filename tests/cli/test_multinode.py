@@ -56,6 +56,33 @@ def _nodes(images: Path, run_dir: Path, *extra: str) -> list[subprocess.Popen]:
     ]  # fmt: skip
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: torchrun's workers run in sessions of their own, so a process-group kill of the
+    agent leaves them running (holding the test's pipes open, blocked on a collective)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        children = [p for p, parent in parents.items() if parent == current]
+        found += children
+        todo += children
+    return found
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL a node: its agent and every process it started."""
+    for pid in (*_descendants(proc.pid), proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _wait(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         out, err = proc.communicate(timeout=600)
@@ -95,11 +122,11 @@ def test_a_killed_node_and_resume_auto_on_both_continue_exactly(one_node, images
     while not (run_dir / "checkpoints" / "step=000004.ckpt").exists():
         assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before the kill"
         time.sleep(0.05)
-    os.killpg(procs[1].pid, signal.SIGKILL)  # one node dies; the other then fails or hangs on a collective
+    _kill_node(procs[1])  # one node dies; the other then fails or hangs on a collective
     time.sleep(2)
-    os.killpg(procs[0].pid, signal.SIGKILL)
+    _kill_node(procs[0])
     for proc in procs:
-        proc.communicate()
+        proc.communicate(timeout=60)
     _wait(_nodes(images, run_dir, "resume=auto"))
     got = _losses(run_dir)
     assert sorted(got) == list(range(STEPS))
