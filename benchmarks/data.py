@@ -228,7 +228,7 @@ def _startup(root: str, rank: int, world: int) -> float:
     """Seconds from the data module's construction to this rank's first-epoch order (manifest, labels, sampler,
     shard-aware order), in a fresh process that imported simmim.data (torch, Lightning, ...) before the clock."""
     code = (
-        "import time; from simmim.data import PretrainDataModule; t = time.perf_counter();"
+        "import time; from simmim.data.datamodule import PretrainDataModule; t = time.perf_counter();"
         f"dm = PretrainDataModule({root!r}, 'shards', batch_size=128, num_workers=0, val_root=None, rank={rank},"
         f" world_size={world}, cache_dir={tempfile.gettempdir()!r} + '/simmim-bench-cache');"
         "dm.setup('fit'); order = dm.train_sampler.indices();"
@@ -243,7 +243,7 @@ def _startup(root: str, rank: int, world: int) -> float:
 
 
 def _import_seconds() -> float:
-    code = "import time; t = time.perf_counter(); import simmim.data; print(time.perf_counter() - t)"
+    code = "import time; t = time.perf_counter(); import simmim.data.datamodule; print(time.perf_counter() - t)"
     here = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": here}, check=True)  # fmt: skip
@@ -259,7 +259,7 @@ def cmd_startup(args) -> None:
         f"imports: data module on {args.samples:,} samples in {args.samples // args.per_shard} shards, sampler, "
         f"the epoch's shard-aware order (world size {args.world}); median of {args.rounds}\n"
     )
-    print(f"importing simmim.data alone: {_import_seconds():.2f} s\n")
+    print(f"importing simmim.data.datamodule (torch, Lightning, ...): {_import_seconds():.2f} s\n")
     print("| shards at | rank 0 | last rank |")
     print("|---|---|---|")
     where = [("local folder", str(root))]
@@ -331,7 +331,7 @@ def cmd_listing(args) -> None:
     def build(kind: str, cached: bool) -> str:
         extra = f", listing_cache={str(cache)!r}" if cached else ""
         return (
-            "import time; from simmim.data import PretrainDataModule; t = time.perf_counter();"
+            "import time; from simmim.data.datamodule import PretrainDataModule; t = time.perf_counter();"
             f"dm = PretrainDataModule({str(root)!r}, {kind!r}, batch_size=128, num_workers=0, val_root=None{extra});"
             "print(time.perf_counter() - t, len(dm.source))"
         )
@@ -343,7 +343,7 @@ def cmd_listing(args) -> None:
     )
     print("| code | source | listing | seconds | images |")
     print("|---|---|---|---|---|")
-    for kind in ("folder", "imagefolder"):
+    for kind in args.sources.split(","):
         if args.baseline:
             seconds, n = _timed(args.baseline, build(kind, False))
             print(f"| before (os.walk) | {kind} | scan | {seconds:.2f} | {n} |", flush=True)
@@ -355,7 +355,7 @@ def cmd_listing(args) -> None:
         for _ in range(2):
             seconds, n = _timed(None, build(kind, True))
             print(f"| now | {kind} | from the listing cache | {seconds:.2f} | {n} |", flush=True)
-    print(f"\n(importing simmim.data, before every row's clock: {_import_seconds():.2f} s)")
+    print(f"\n(importing simmim.data.datamodule, before every row's clock: {_import_seconds():.2f} s)")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
@@ -557,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tmpfs", default="/dev/shm/simmim-bench-listing")
     p.add_argument("--baseline", help="also time an older checkout's listing")
     p.add_argument("--keep", action="store_true", help="keep the generated tree")
+    p.add_argument("--sources", default="folder,imagefolder", help="data.source values to list the tree as")
     sub.add_parser("libraries", parents=[common], help="litdata vs webdataset (wids)")
     args = parser.parse_args(argv)
     {"loader": cmd_loader, "shards": cmd_shards, "startup": cmd_startup, "listing": cmd_listing,

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     from simmim import runtime
 
-    runtime.prepare_process()  # before torch loads (below)
-    from simmim.cli.finetune import main as finetune_main
+    runtime.prepare_process()  # before torch loads
+    from simmim.cli.command import command_line
 
-    return finetune_main(argv)
+    return command_line("finetune", argv)
 
 
 if __name__ == "__main__":

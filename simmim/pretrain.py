@@ -14,10 +14,10 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     from simmim import runtime
 
-    runtime.prepare_process()  # before torch loads (below)
-    from simmim.cli.pretrain import main as pretrain_main
+    runtime.prepare_process()  # before torch loads
+    from simmim.cli.command import command_line
 
-    return pretrain_main(argv)
+    return command_line("pretrain", argv)
 
 
 if __name__ == "__main__":

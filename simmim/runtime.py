@@ -347,17 +347,25 @@ def prepare_process() -> None:
 
 
 def log_to_stderr(level: int = logging.INFO) -> None:
-    """Show simmim's log (these decisions among it) on stderr, from the first process of a multi-process run only."""
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
+    """Show simmim's log (these decisions among it) on stderr; below warnings, from the first process only."""
     logger = logging.getLogger("simmim")
     if not any(getattr(h, "_simmim", False) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_first_process_or_warning)
         handler._simmim = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(level if getattr(rank_zero_only, "rank", 0) == 0 else logging.WARNING)
+    logger.setLevel(level)
+
+
+def _first_process_or_warning(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+        return True
+    # Lightning's rank, asked when a line is logged: importing it costs seconds a refused command line need not pay
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def summary(**decisions: Any) -> dict[str, Any]:

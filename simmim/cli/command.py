@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +149,18 @@ def _multirun_dirs(cfg: DictConfig, index: int, stamp: str) -> None:
         cfg.name = f"{cfg.name or stamp}/{index}"
 
 
-def command_line(
-    kind: str,
-    argv: Sequence[str] | None,
-    *,
-    run: Callable[[DictConfig], dict[str, Any]],
-    report: Callable[[dict[str, Any]], str],
-    plan: Callable[[DictConfig], str],
-    doc: str,
-) -> int:
-    """A ``python -m simmim.<kind>`` command line (module docstring); the exit code."""
+def command_line(kind: str, argv: Sequence[str] | None) -> int:
+    """A ``python -m simmim.<kind>`` command line (module docstring); the exit code.
+
+    ``simmim.cli.<kind>`` (its ``run``, ``report``, ``plan`` and docstring) is imported only once the recipe is
+    composed and checked: a refused value costs Hydra and the checks, not Lightning's imports (seconds)."""
+    import importlib
     from datetime import datetime
 
-    from simmim.data import show_bad_images_plainly
+    from simmim.data.errors import show_bad_images_plainly
+
+    def command():
+        return importlib.import_module(f"simmim.cli.{kind}")
 
     from_sys = argv is None
     args = list(sys.argv[1:] if argv is None else argv)
@@ -179,7 +178,7 @@ def command_line(
         return 2
     args = [a for a in args if a not in FLAGS]
     if flags & {"--help", "-h"}:
-        print(doc.strip() + "\n\n" + (__doc__ or "").split("\n\n", 1)[1].strip())
+        print((command().__doc__ or "").strip() + "\n\n" + (__doc__ or "").split("\n\n", 1)[1].strip())
         print(f"\nRecipes (recipe=NAME): {', '.join(available_recipes(kind))}\n")
         print(f"Every key, its default and what it does (recipes/{kind}/_base.yaml):\n")
         print(base_text(kind))
@@ -199,14 +198,14 @@ def command_line(
                 print(OmegaConf.to_yaml(cfg, resolve=True), end="")
                 continue
             if flags & {"--dry-run"}:
-                print(OmegaConf.to_yaml(cfg, resolve=True) + plan(cfg))
+                print(OmegaConf.to_yaml(cfg, resolve=True) + command().plan(cfg))
                 continue
             resolve_run_dir(cfg, command_line=from_sys and not multirun)
             if multirun:
                 print(f"run {index + 1}/{len(configs)}: {' '.join(sweeps[index])}", file=sys.stderr)
-            out = run(cfg)
+            out = command().run(cfg)
             if out.get("is_global_zero", True):
-                print(report(out))
+                print(command().report(out))
         return EXIT_OK
 
     return cli_main(body)

@@ -222,4 +222,4 @@ def report(metrics: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simmim.finetune [--help] [--dry-run] [--multirun] [recipe=NAME] [key=value ...]``."""
-    return command_line("finetune", argv, run=run, report=report, plan=plan, doc=__doc__)
+    return command_line("finetune", argv)

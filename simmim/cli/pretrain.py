@@ -268,4 +268,4 @@ def report(out: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simmim.pretrain [--help] [--dry-run] [--multirun] [recipe=NAME] [key=value ...]``."""
-    return command_line("pretrain", argv, run=run, report=report, plan=plan, doc=__doc__)
+    return command_line("pretrain", argv)

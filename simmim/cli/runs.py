@@ -176,18 +176,25 @@ def run_runtime(cfg: DictConfig, model_config: Mapping[str, Any]) -> Iterator[Ru
 def cli_main(body: Callable[[], int]) -> int:
     """Run a command line's ``body``: refusals and data problems as one ``error:`` line (exit 2), a non-finite loss
     as one line (exit 3), never a traceback for a user's mistake."""
-    from simmim.data import DataError
-    from simmim.io import CheckpointError
-    from simmim.training.callbacks import NonFiniteError
+    from simmim.data.errors import DataError
 
     try:
         return body()
     except DataError as e:  # found while training (possibly in a loader worker): its one-line summary
         print(f"error: {e.summary}", file=sys.stderr)
         return EXIT_USAGE
-    except (RecipeError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+    except Exception as e:
+        # the checkpoint and training errors, by name of modules already loaded: a recipe refused before they were
+        # imported cannot have raised them, and importing them costs a refusal seconds
+        if isinstance(e, (RecipeError, *_loaded("simmim.io.read", "CheckpointError"))):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, _loaded("simmim.training.callbacks", "NonFiniteError")):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
+        raise
+
+
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    found = getattr(sys.modules.get(module), name, None)
+    return (found,) if isinstance(found, type) else ()

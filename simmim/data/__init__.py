@@ -20,49 +20,50 @@ Problems found once training runs raise ``DataError`` (``TooManyBadFilesError`` 
 All randomness (crop, flip, RandAugment, erasing, mask) is derived from (seed, epoch, sample index).
 """
 
-from simmim.data.datamodule import ClassificationDataModule, PretrainDataModule
-from simmim.data.datasets import ImageFiles, SampleDataset, build_source, detect_source
-from simmim.data.errors import BadImageWarning, DataError, TooManyBadFilesError, show_bad_images_plainly
-from simmim.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, read_idx
-from simmim.data.images import IMG_EXTENSIONS, BadImageError, open_image
-from simmim.data.sampler import EpochSampler
-from simmim.data.splits import check_split, label_subset, split_indices
-from simmim.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SampleTransform,
-    eval_transform,
-    finetune_transform,
-    pretrain_transform,
-    rand_augment,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "FASHION_MNIST_CLASSES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IMG_EXTENSIONS",
-    "BadImageError",
-    "BadImageWarning",
-    "show_bad_images_plainly",
-    "ClassificationDataModule",
-    "DataError",
-    "EpochSampler",
-    "FashionMNIST",
-    "ImageFiles",
-    "PretrainDataModule",
-    "SampleDataset",
-    "SampleTransform",
-    "TooManyBadFilesError",
-    "build_source",
-    "check_split",
-    "detect_source",
-    "eval_transform",
-    "finetune_transform",
-    "label_subset",
-    "open_image",
-    "pretrain_transform",
-    "rand_augment",
-    "read_idx",
-    "split_indices",
-]
+# what lives where: imported on first use, so that `import simmim.data.errors` (the command lines, before a recipe
+# is checked) does not load Lightning
+_WHERE = {
+    "ClassificationDataModule": "simmim.data.datamodule",
+    "PretrainDataModule": "simmim.data.datamodule",
+    "ImageFiles": "simmim.data.datasets",
+    "SampleDataset": "simmim.data.datasets",
+    "build_source": "simmim.data.datasets",
+    "detect_source": "simmim.data.datasets",
+    "BadImageWarning": "simmim.data.errors",
+    "DataError": "simmim.data.errors",
+    "TooManyBadFilesError": "simmim.data.errors",
+    "show_bad_images_plainly": "simmim.data.errors",
+    "FASHION_MNIST_CLASSES": "simmim.data.fashion_mnist",
+    "FashionMNIST": "simmim.data.fashion_mnist",
+    "read_idx": "simmim.data.fashion_mnist",
+    "IMG_EXTENSIONS": "simmim.data.images",
+    "BadImageError": "simmim.data.images",
+    "open_image": "simmim.data.images",
+    "EpochSampler": "simmim.data.sampler",
+    "check_split": "simmim.data.splits",
+    "label_subset": "simmim.data.splits",
+    "split_indices": "simmim.data.splits",
+    "IMAGENET_MEAN": "simmim.data.transforms",
+    "IMAGENET_STD": "simmim.data.transforms",
+    "SampleTransform": "simmim.data.transforms",
+    "eval_transform": "simmim.data.transforms",
+    "finetune_transform": "simmim.data.transforms",
+    "pretrain_transform": "simmim.data.transforms",
+    "rand_augment": "simmim.data.transforms",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'simmim.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

@@ -20,7 +20,6 @@ from simmim.training.optim import build_optimizer, fused_adamw_ok
 __all__ = ["SimMIMPretrainModule", "RUNTIME_ONLY"]
 
 
-
 class SimMIMPretrainModule(TrainingModule):
     """SimMIM pretraining: masked images in, masked-pixel L1 out.
 

@@ -16,9 +16,11 @@ def test_startup_and_listing_benchmarks_print_their_tables(capsys, tmp_path):
                "--work", str(tmp_path / "work")])  # fmt: skip
     out = capsys.readouterr().out
     assert "| local folder |" in out and "| s3:// (moto server on loopback) |" in out, out
-    data.main(["listing", "--files", "300", "--per-folder", "100", "--tmpfs", str(tmp_path / "tree")])
+    data.main(["listing", "--files", "300", "--per-folder", "100", "--sources", "folder",
+               "--tmpfs", str(tmp_path / "tree")])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("| now | folder | from the listing cache |") == 2 and "| 300 |" in out, out
+    assert "imagefolder" not in out, out
 
 
 def test_shard_order_of_the_library_comparison_reads_every_sample_once():

@@ -138,6 +138,7 @@ def test_narrow_layers_match_f_linear(onednn):
         with runtime.overridden(onednn_linear=onednn):
             got, got_grads = _grads(linear, x, w, b)
         ref, ref_grads = _grads(F.linear, x.double(), w.double(), None)
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        # float32 against float64: sums of 512 products of N(0, 1) values (~20) carry ~1e-5 of rounding
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
         for a, r in zip(got_grads, ref_grads):
             torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4)
