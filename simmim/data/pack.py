@@ -101,7 +101,9 @@ def _pack_one(src, folder: Path, limit: int, workers: int, shuffle: bool, seed: 
     jobs = [(src, order, labels if labelled else None, part, folder, limit, k) for k, part in enumerate(parts)]
     start = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        # spawn, not fork: a fork of a process with threads (torch's, a notebook's, a test runner's) can inherit a
+        # held lock and hang forever
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
             results = pool.map(_pack_part, jobs)
     else:
         results = [_pack_part(job) for job in jobs]

@@ -17,7 +17,14 @@ from simmim.data import ClassificationDataModule
 from simmim.eval import Loader, find_encoder, knn_evaluate
 from simmim.training.strategy import sharding_strategy
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "RunProgressBar", "KNNMonitor", "latest_checkpoint"]
+__all__ = [
+    "FlushLogsWithCheckpoints",
+    "KNNMonitor",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "RunProgressBar",
+    "latest_checkpoint",
+]
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -107,6 +114,16 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+class FlushLogsWithCheckpoints(pl.Callback):
+    """Write every logger's buffered metrics to disk whenever a checkpoint is saved: after a kill -9, the logs hold
+    every step up to the checkpoint a resume continues from (CSV buffers 100 steps by default)."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
 
 
 class RunProgressBar(TQDMProgressBar):
