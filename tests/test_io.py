@@ -495,3 +495,16 @@ def test_visualize_calls_a_truncated_checkpoint_truncated(short_run, image_folde
     # the encoder file is read by the same reader, and explained
     assert visualize.main([str(short_run[0] / "encoder.safetensors"), str(image), "--out", "g.png"]) == 2
     assert "has no SimMIM pixel decoder" in capsys.readouterr().err
+
+
+def test_an_encoder_file_whose_header_length_starts_like_a_pickle_reads_as_safetensors(tmp_path):
+    """A safetensors file begins with its header's length (little-endian, a multiple of 8): a length ending in 0x80
+    looks like a pickle's first byte. The file must still read as safetensors, provenance and config included."""
+    path, state = tmp_path / "encoder.safetensors", ours().state_dict()
+    for pad in range(0, 256, 8):  # grow the metadata until the header length's low byte is 0x80
+        save_encoder(state, path, {"model": "swinv2_nano"}, {"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    weights = read_pretrained(path)
+    assert weights.meta["provenance"]["note"] == "x" * pad and weights.config["model"] == "swinv2_nano"

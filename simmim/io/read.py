@@ -71,13 +71,14 @@ def _sniff(path: Path, expect: str) -> str:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted save or download? Save or fetch it again")
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # safetensors before pickle: its first byte is the header length's low byte, which may well be 0x80
     if len(head) >= 10 and head[8:10] in (b'{"', b"{ "):
         n = int.from_bytes(head[:8], "little")
         if n + 8 > size:
             raise CheckpointError(f"{path} is a truncated safetensors file ({size} bytes, header says more)")
         return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocols 2-5
+        return "pickle"
     what = next((v for k, v in _MAGIC.items() if head.startswith(k)), None)
     if what is None:
         try:
