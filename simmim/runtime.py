@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import platform
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -350,13 +351,26 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     """Show simmim's log (these decisions among it) on stderr; below warnings, from the first process only."""
     logger = logging.getLogger("simmim")
     if not any(getattr(h, "_simmim", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(_first_process_or_warning)
         handler._simmim = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is logged (not the one it was made with, which a caller
+    such as a test runner's capture may have closed since)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _first_process_or_warning(record: logging.LogRecord) -> bool:
