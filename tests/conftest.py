@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -13,6 +14,11 @@ from PIL import Image
 from simmim import runtime
 
 runtime.prepare_process()  # passive OpenMP waiting, before torch loads (DataLoader workers share the cores)
+# inductor's kernel cache per imitated CPU class: kernels compiled under ATEN_CPU_CAPABILITY=avx2 and natively share
+# cache keys, and a kernel of the other class gave wrong outputs (tests/kernels/test_linear.py, compiled runs)
+_imitated = "-".join(os.environ.get(v, "") for v in runtime.IMITATION_VARIABLES).strip("-")
+if _imitated:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-{_imitated}"))
 
 
 def write_images(folder, n: int, size: int = 40, seed: int = 0):

@@ -117,13 +117,19 @@ class NonFiniteGuard(pl.Callback):
 
 
 class FlushLogsWithCheckpoints(pl.Callback):
-    """Write every logger's buffered metrics to disk whenever a checkpoint is saved: after a kill -9, the logs hold
-    every step up to the checkpoint a resume continues from (CSV buffers 100 steps by default)."""
+    """Log the step's metrics before its checkpoint is written, not after: Lightning saves step checkpoints in
+    ``on_train_batch_end`` and logs that step's metrics later, so a kill -9 right after a save lost the step's log
+    row, and a resume (which continues after it) never wrote it. Metrics of a step saved with a checkpoint are
+    therefore logged twice with the same values (a second row of that step in ``metrics.csv``)."""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.save()
+        connector = getattr(trainer, "_logger_connector", None)
+        if not (trainer.training and connector is not None and hasattr(connector, "update_train_step_metrics")):
+            return
+        try:
+            connector.update_train_step_metrics()  # logs and saves every logger (Lightning's own logging path)
+        except AssertionError:  # a save outside the batch loop (end of training): nothing of a step is pending
+            pass
 
 
 class RunProgressBar(TQDMProgressBar):
