@@ -1,24 +1,13 @@
 """Every hardware choice and environment switch of simmim, decided in one place from what the machine does.
 
-Importing this module does nothing (it does not even import torch): each decision is made on first use, from the
-machine's measured capability (never from an architecture's name), and logged once.
+Importing this module does nothing (it does not import torch): each decision is made on first use from the machine's
+measured capability (never from an architecture's name; measurements in :mod:`simmim.calibration`), and logged once.
+:func:`resolve_precision` (``auto``), :func:`fast_paths` (our CPU kernels; :func:`reference_kernels` turns them off
+inside a block), :func:`plan_threads`, :func:`prepare_process` (the OpenMP wait policy, before torch loads).
 
-* :func:`machine`: the CPU (model, torch's CPU capability, native bf16, vector width, cores) and the GPUs.
-* :func:`resolve_precision`: ``auto`` -> bf16-mixed on CUDA devices with bf16, 16-mixed (GradScaler) on those
-  without, bf16-mixed on CPUs with native bf16 matrix instructions (AVX512_BF16, AMX: oneDNN says), else 32-true.
-  An explicit bf16 on a CPU without native bf16 runs, with a warning that gives its measured cost.
-* :func:`fast_paths`: our CPU kernels. The float32 linears on oneDNN are on where a start-up calibration (a few
-  milliseconds, cached per machine) measured them faster than ``F.linear`` (MKL): ~2.5x on AMD CPUs with AVX-512,
-  slower on AVX2-only ones. The hand-written attention is on for every CPU; its vector width follows the CPU.
-  :func:`reference_kernels` turns every hand-written kernel off inside a block (exports, reference checks).
-* :func:`plan_threads`: torch's CPU threads of a training process, from the cores, the loader workers and the
-  model's work per image.
-* :func:`prepare_process`: the OpenMP wait policy, which must be set before torch loads (entry points call it).
-
-Environment switches (read when a decision is made, not at import): ``SIMMIM_ONEDNN_LINEAR=0|1`` forces the oneDNN
-linears off or on, ``SIMMIM_CPU_ATTENTION=0`` turns the hand-written attention off, ``SIMMIM_CACHE_DIR`` moves the
-calibration cache (default ``~/.cache/simmim``). oneDNN's ``ONEDNN_MAX_CPU_ISA``, ATen's ``ATEN_CPU_CAPABILITY`` and
-MKL's ``MKL_ENABLE_INSTRUCTIONS`` imitate a lesser CPU; every decision honours them.
+Switches (read when a decision is made): ``SIMMIM_ONEDNN_LINEAR=0|1``, ``SIMMIM_CPU_ATTENTION=0``,
+``SIMMIM_CACHE_DIR`` (default ``~/.cache/simmim``). ``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY`` and
+``MKL_ENABLE_INSTRUCTIONS`` imitate a lesser CPU; every decision honours them.
 """
 
 from __future__ import annotations
@@ -59,6 +48,9 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mi
 IMITATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 # float32 linears go to oneDNN only when the calibration measured them at least this much faster than F.linear
 ONEDNN_MIN_SPEEDUP = 1.15
+# precision=auto takes bf16-mixed on a CPU with native bf16 only where its products measured at least this much faster
+# than float32 (autocast's casts cost the rest)
+BF16_MIN_SPEEDUP = 1.3
 # GFLOP of a training step per image (3x the forward's matrix products) below which a model is loader-bound on a CPU:
 # the nano model at 32 px (~0.03) trains fastest with the loader worker's core left to it, models from the micro at
 # 64 px (~0.2) up on all cores (benchmarks/RESULTS.md, threads)
@@ -183,12 +175,9 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
     m, device = machine(), device_type(accelerator)
     if req != "auto":
         warning = None
-        if device == "cpu" and req.startswith("bf16") and not m.native_bf16:
-            warning = (
-                f"precision={req} on a CPU without native bf16 matrix instructions ({m.capability}): "
-                f"{calibration.bf16_cost()}; "
-                "precision=auto picks 32-true here"
-            )
+        if device == "cpu" and req.startswith("bf16") and (not m.native_bf16 or bf16_speedup() < 1.0):
+            what = "without native bf16 matrix instructions" if not m.native_bf16 else "whose bf16 products are slow"
+            warning = f"precision={req} on a CPU {what} ({m.capability}): {calibration.bf16_cost()}; auto picks 32-true"
         return PrecisionChoice(req, req, "as requested", warning)
     if device == "cuda":
         if m.cuda_bf16:
@@ -196,9 +185,28 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
         return PrecisionChoice(req, "16-mixed", "CUDA device without bf16: fp16 with a GradScaler")
     if device == "mps":
         return PrecisionChoice(req, "32-true", "Apple GPU: mixed precision not measured here")
-    if m.native_bf16:
-        return PrecisionChoice(req, "bf16-mixed", f"CPU with native bf16 matrix instructions ({m.capability})")
-    return PrecisionChoice(req, "32-true", f"CPU without native bf16 matrix instructions ({m.capability})")
+    if not m.native_bf16:
+        return PrecisionChoice(req, "32-true", f"CPU without native bf16 matrix instructions ({m.capability})")
+    speedup = bf16_speedup()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return PrecisionChoice(
+            req, "bf16-mixed", f"CPU with native bf16 ({m.capability}): bf16 products measured {speedup:.2f}x float32"
+        )
+    why = f"CPU with native bf16 ({m.capability}), but bf16 products measured only {speedup:.2f}x float32"
+    return PrecisionChoice(req, "32-true", f"{why} (bf16 from {BF16_MIN_SPEEDUP}x)")
+
+
+def bf16_speedup() -> float:
+    """bf16 matrix products' speed over float32 on this CPU (measured once per machine, cached)."""
+
+    return calibration.measured("bf16_matmul_speedup", _machine_key(), describe(), calibration.measure_bf16_speedup)[0]
+
+
+def _machine_key() -> list[str]:
+    import torch
+
+    m = machine()
+    return [m.cpu_model, m.capability, str(m.native_bf16), torch.__version__, str(torch.get_num_threads()), *m.imitated]
 
 
 # ---- CPU kernels ------------------------------------------------------------------------------------------------
@@ -284,8 +292,9 @@ def _decide_fast_paths() -> FastPaths:
         reasons["oneDNN float32 linears"] = f"{'on' if forced else 'off'} (SIMMIM_ONEDNN_LINEAR={int(forced)})"
     else:
         threads = torch.get_num_threads()
-        key = [m.cpu_model, m.capability, str(m.native_bf16), torch.__version__, str(threads), *m.imitated]
-        speedup, cached = calibration.linear_speedup(key, describe(threads))
+        speedup, cached = calibration.measured(
+            "onednn_linear_speedup", _machine_key(), describe(threads), calibration.measure_linear_speedup
+        )
         onednn = speedup >= ONEDNN_MIN_SPEEDUP
         reasons["oneDNN float32 linears"] = (
             f"{'on' if onednn else 'off'} (measured {speedup:.2f}x F.linear at {torch.get_num_threads()} threads; "
@@ -350,11 +359,10 @@ def prepare_process() -> None:
 def log_to_stderr(level: int = logging.INFO) -> None:
     """Show simmim's log (these decisions among it) on stderr; below warnings, from the first process only."""
     logger = logging.getLogger("simmim")
-    if not any(getattr(h, "_simmim", False) for h in logger.handlers):
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(_first_process_or_warning)
-        handler._simmim = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level)

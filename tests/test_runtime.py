@@ -38,10 +38,16 @@ def test_auto_precision_on_a_cpu_without_native_bf16_is_fp32_and_explicit_bf16_w
 
 
 @native_bf16
-def test_auto_precision_on_a_cpu_with_native_bf16_is_bf16():
+def test_auto_precision_on_a_cpu_with_native_bf16_is_bf16_where_bf16_measures_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMMIM_CACHE_DIR", str(tmp_path))
+    speedup = runtime.bf16_speedup()
     choice = runtime.resolve_precision("auto", "cpu")
-    assert choice.value == "bf16-mixed" and "native bf16" in choice.reason and choice.warning is None
-    assert runtime.resolve_precision("bf16-mixed", "cpu").warning is None
+    only = "only " if speedup < runtime.BF16_MIN_SPEEDUP else ""
+    assert f"bf16 products measured {only}{speedup:.2f}x" in choice.reason
+    assert choice.value == ("bf16-mixed" if speedup >= runtime.BF16_MIN_SPEEDUP else "32-true"), choice
+    assert choice.warning is None
+    assert (runtime.resolve_precision("bf16-mixed", "cpu").warning is None) == (speedup >= 1.0)
+    assert "bf16_matmul_speedup" in (tmp_path / "calibration.json").read_text()  # measured once, then cached
 
 
 def test_precision_values_are_checked():
