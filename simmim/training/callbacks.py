@@ -18,7 +18,7 @@ from simmim.eval import Loader, find_encoder, knn_evaluate
 from simmim.training.strategy import sharding_strategy
 
 __all__ = [
-    "FlushLogsWithCheckpoints",
+    "StepLogsBeforeCheckpoints",
     "KNNMonitor",
     "NonFiniteError",
     "NonFiniteGuard",
@@ -116,7 +116,7 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = int(state_dict.get("skipped", 0))
 
 
-class FlushLogsWithCheckpoints(pl.Callback):
+class StepLogsBeforeCheckpoints(pl.Callback):
     """Log the step's metrics before its checkpoint is written, not after: Lightning saves step checkpoints in
     ``on_train_batch_end`` and logs that step's metrics later, so a kill -9 right after a save lost the step's log
     row, and a resume (which continues after it) never wrote it. Metrics of a step saved with a checkpoint are
