@@ -20,7 +20,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 
 from simmim.errors import RecipeError
 from simmim.io import save_torch
-from simmim.training.callbacks import StepLogsBeforeCheckpoints, NonFiniteGuard, RunProgressBar
+from simmim.training.callbacks import NonFiniteGuard, RunProgressBar, StepLogsBeforeCheckpoints
 from simmim.training.strategy import build_strategy
 
 __all__ = ["AtomicCheckpointIO", "build_trainer", "make_loggers", "quiet_lightning", "log_every_n_steps"]
