@@ -18,7 +18,6 @@ from simmim.eval import Loader, find_encoder, knn_evaluate
 from simmim.training.strategy import sharding_strategy
 
 __all__ = [
-    "StepLogsBeforeCheckpoints",
     "KNNMonitor",
     "NonFiniteError",
     "NonFiniteGuard",
@@ -114,22 +113,6 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
-
-
-class StepLogsBeforeCheckpoints(pl.Callback):
-    """Log the step's metrics before its checkpoint is written, not after: Lightning saves step checkpoints in
-    ``on_train_batch_end`` and logs that step's metrics later, so a kill -9 right after a save lost the step's log
-    row, and a resume (which continues after it) never wrote it. Metrics of a step saved with a checkpoint are
-    therefore logged twice with the same values (a second row of that step in ``metrics.csv``)."""
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        connector = getattr(trainer, "_logger_connector", None)
-        if not (trainer.training and connector is not None and hasattr(connector, "update_train_step_metrics")):
-            return
-        try:
-            connector.update_train_step_metrics()  # logs and saves every logger (Lightning's own logging path)
-        except AssertionError:  # a save outside the batch loop (end of training): nothing of a step is pending
-            pass
 
 
 class RunProgressBar(TQDMProgressBar):

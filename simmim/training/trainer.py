@@ -20,7 +20,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 
 from simmim.errors import RecipeError
 from simmim.io import save_torch
-from simmim.training.callbacks import NonFiniteGuard, RunProgressBar, StepLogsBeforeCheckpoints
+from simmim.training.callbacks import NonFiniteGuard, RunProgressBar
 from simmim.training.strategy import build_strategy
 
 __all__ = ["AtomicCheckpointIO", "build_trainer", "make_loggers", "quiet_lightning", "log_every_n_steps"]
@@ -117,7 +117,7 @@ def build_trainer(
         raise RecipeError(f"trainer.logger={user_logger!r}: use true or false, and the recipe's logger list to choose")
     own = [NonFiniteGuard(nan_policy), *callbacks, *_user_callbacks(args.pop("callbacks", None))]
     if args.get("enable_checkpointing", True):
-        own = [*checkpoints, StepLogsBeforeCheckpoints(), *own]
+        own = [*checkpoints, *own]
     if args.get("enable_progress_bar", True):
         own.append(RunProgressBar(images_per_step))
     args.setdefault("enable_model_summary", False)  # one line of ours instead (its FLOPs column reads 0 here)

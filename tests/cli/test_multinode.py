@@ -119,7 +119,9 @@ def test_a_killed_node_and_resume_auto_on_both_continue_exactly(one_node, images
     run_dir = tmp_path / "killed"
     procs = _nodes(images, run_dir)
     deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "step=000004.ckpt").exists():
+    # Lightning writes a step's checkpoint before that step's log row: wait for both, so that the losses compared
+    # below are all on disk (the training state a resume continues from is exact either way)
+    while not ((run_dir / "checkpoints" / "step=000004.ckpt").exists() and 3 in _losses(run_dir)):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before the kill"
         time.sleep(0.05)
     _kill_node(procs[1])  # one node dies; the other then fails or hangs on a collective
