@@ -5,7 +5,6 @@ Plain torch ops only (no simmim kernel is imported), so a measurement never depe
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -14,24 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["bf16_cost", "best_seconds", "cache_dir", "measure_bf16_speedup", "measure_linear_speedup", "measured"]
-
-
-@functools.cache
-def bf16_cost() -> str:
-    """How much slower bf16 matrix products are than float32 on this CPU, measured (~30 ms)."""
-    import torch
-
-    a = torch.randn(256, 256)
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = a.to(dtype)
-        rates[dtype] = 2 * 256**3 / best_seconds(lambda x=x: x @ x, 3) / 1e9
-    ratio = rates[torch.float32] / rates[torch.bfloat16]
-    return (
-        f"256x256 bf16 products measured {rates[torch.bfloat16]:.1f} GFLOP/s against {rates[torch.float32]:.0f} in "
-        f"float32 ({ratio:.1f}x slower)"
-    )
+__all__ = ["best_seconds", "cache_dir", "measure_bf16_speedup", "measure_linear_speedup", "measured"]
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -48,12 +48,10 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mi
 IMITATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 # float32 linears go to oneDNN only when the calibration measured them at least this much faster than F.linear
 ONEDNN_MIN_SPEEDUP = 1.15
-# precision=auto takes bf16-mixed on a CPU with native bf16 only where its products measured at least this much faster
-# than float32 (autocast's casts cost the rest)
+# precision=auto: bf16-mixed on a native-bf16 CPU only where bf16 products measure this much faster than float32
 BF16_MIN_SPEEDUP = 1.3
-# GFLOP of a training step per image (3x the forward's matrix products) below which a model is loader-bound on a CPU:
-# the nano model at 32 px (~0.03) trains fastest with the loader worker's core left to it, models from the micro at
-# 64 px (~0.2) up on all cores (benchmarks/RESULTS.md, threads)
+# training GFLOP per image below which a CPU model is loader-bound: the nano at 32 px (~0.03) trains fastest leaving the
+# loader worker a core, models from the micro at 64 px (~0.2) up on all cores (benchmarks/RESULTS.md, threads)
 LOADER_BOUND_GFLOP = 0.1
 
 
@@ -175,9 +173,13 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
     m, device = machine(), device_type(accelerator)
     if req != "auto":
         warning = None
-        if device == "cpu" and req.startswith("bf16") and (not m.native_bf16 or bf16_speedup() < 1.0):
+        speedup = bf16_speedup() if device == "cpu" and req.startswith("bf16") else 1.0
+        if not m.native_bf16 or speedup < 1.0:
             what = "without native bf16 matrix instructions" if not m.native_bf16 else "whose bf16 products are slow"
-            warning = f"precision={req} on a CPU {what} ({m.capability}): {calibration.bf16_cost()}; auto picks 32-true"
+            warning = (
+                f"precision={req} on a CPU {what} ({m.capability}): bf16 matrix products measured {1 / speedup:.1f}x "
+                "slower than float32; auto picks 32-true"
+            )
         return PrecisionChoice(req, req, "as requested", warning)
     if device == "cuda":
         if m.cuda_bf16:
@@ -187,8 +189,7 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
         return PrecisionChoice(req, "32-true", "Apple GPU: mixed precision not measured here")
     if not m.native_bf16:
         return PrecisionChoice(req, "32-true", f"CPU without native bf16 matrix instructions ({m.capability})")
-    speedup = bf16_speedup()
-    if speedup >= BF16_MIN_SPEEDUP:
+    if (speedup := bf16_speedup()) >= BF16_MIN_SPEEDUP:
         return PrecisionChoice(
             req, "bf16-mixed", f"CPU with native bf16 ({m.capability}): bf16 products measured {speedup:.2f}x float32"
         )
@@ -198,7 +199,6 @@ def resolve_precision(requested: Any, accelerator: str | None = "auto") -> Preci
 
 def bf16_speedup() -> float:
     """bf16 matrix products' speed over float32 on this CPU (measured once per machine, cached)."""
-
     return calibration.measured("bf16_matmul_speedup", _machine_key(), describe(), calibration.measure_bf16_speedup)[0]
 
 
