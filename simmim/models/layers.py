@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.kernels import Linear
+from simmim.kernels import Linear, PatchConv2d
 
 __all__ = [
     "MASK_VALUE",
@@ -90,8 +90,8 @@ class Mlp(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: a strided convolution, then LayerNorm; returns [B, H/p, W/p, C] (inputs of any size
-    are padded to a multiple of the patch)."""
+    """Image to patch tokens: a strided convolution (:class:`PatchConv2d`), then LayerNorm; returns [B, H/p, W/p, C]
+    (inputs of any size are padded to a multiple of the patch)."""
 
     def __init__(
         self,
@@ -108,7 +108,7 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
         self.in_chans = in_chans
         self.embed_dim = embed_dim
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchConv2d(in_chans, embed_dim, kernel_size=patch_size)
         self.norm = norm_layer(embed_dim) if norm_layer else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

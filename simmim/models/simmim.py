@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from simmim.kernels import PatchConv2d
 from simmim.models.registry import MODEL_CONFIGS, check_model_name
 from simmim.models.swinv2 import SwinTransformerV2
 from simmim.models.targets import masked_l1, norm_targets, upsample_mask
@@ -60,7 +61,7 @@ class SimMIM(nn.Module):
         self.norm_target = norm_target
         self.norm_target_patch_size = norm_target_patch_size
         self.decoder = nn.Sequential(
-            nn.Conv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),
+            PatchConv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(self.encoder_stride),
         )
 
