@@ -4,11 +4,10 @@ position bias following every way weights change."""
 import math
 
 import torch
+from model_helpers import randomise
 
 from simmim.models import create_model
 from simmim.models.attention import LOG_MAX_SCALE, WindowAttention
-
-from .common import randomise
 
 
 def test_official_keys_and_the_terms_of_eq_2():

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import TINY, forward_backward, grads, randomise, rel_err
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block as TimmBlock
 
@@ -14,8 +15,6 @@ from simmim.models.attention import LOG_MAX_SCALE
 from simmim.models.convert import official_to_timm
 from simmim.models.layers import DropPath
 from simmim.models.swinv2 import SwinTransformerBlock
-
-from .common import TINY, forward_backward, grads, randomise, rel_err
 
 # (img_size, window, depths, pretrained_window_sizes): shifted stages, windows clipped to the stage (8 -> 4 -> 2),
 # pretrained windows smaller and larger than the current ones.
