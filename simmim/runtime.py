@@ -3,11 +3,11 @@
 Importing this module does nothing (it does not import torch): each decision is made on first use from the machine's
 measured capability (never from an architecture's name; measurements in :mod:`simmim.calibration`), and logged once.
 :func:`resolve_precision` (``auto``), :func:`fast_paths` (our CPU kernels; :func:`reference_kernels` turns them off
-inside a block), :func:`plan_threads`, :func:`prepare_process` (the OpenMP wait policy, before torch loads).
+inside a block), :func:`plan_threads`, :func:`prepare_process` (OpenMP wait policy and malloc, before torch loads).
 
 Switches (read when a decision is made): ``SIMMIM_ONEDNN_LINEAR=0|1``, ``SIMMIM_CPU_ATTENTION=0``,
-``SIMMIM_CACHE_DIR`` (default ``~/.cache/simmim``). ``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY`` and
-``MKL_ENABLE_INSTRUCTIONS`` imitate a lesser CPU; every decision honours them.
+``SIMMIM_KEEP_FREED_MEMORY=0``, ``SIMMIM_CACHE_DIR`` (default ``~/.cache/simmim``). ``ONEDNN_MAX_CPU_ISA``,
+``ATEN_CPU_CAPABILITY`` and ``MKL_ENABLE_INSTRUCTIONS`` imitate a lesser CPU; every decision honours them.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ __all__ = [
     "overridden",
     "plan_threads",
     "prepare_process",
-    "log_to_stderr",
+    "keep_freed_memory",
     "summary",
 ]
 
 log = logging.getLogger("simmim.runtime")
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
+SWITCHES = ("SIMMIM_ONEDNN_LINEAR", "SIMMIM_CPU_ATTENTION", "SIMMIM_KEEP_FREED_MEMORY")  # each 0 or 1, else unset
 IMITATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 # float32 linears go to oneDNN only when the calibration measured them at least this much faster than F.linear
 ONEDNN_MIN_SPEEDUP = 1.15
@@ -73,15 +74,6 @@ class Machine:
     def vector_bytes(self) -> int:
         """Width of the CPU's vector registers as ATen's kernels use them."""
         return {"AVX512": 64, "AVX2": 32}.get(self.capability.upper(), 16)
-
-    def vector_lanes(self, element_size: int) -> int:
-        """Elements of ``element_size`` bytes per vector register (bf16 on AVX-512: 32)."""
-        return self.vector_bytes // element_size
-
-    @property
-    def cpu_class(self) -> str:
-        """The class benchmarks are reported by, e.g. ``AVX512, native bf16``."""
-        return f"{self.capability}, {'native' if self.native_bf16 else 'no native'} bf16"
 
 
 def _cpu_model() -> str:
@@ -274,7 +266,7 @@ def _switch(name: str) -> bool | None:
     if value is None or value == "":
         return None
     if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: use 1 (on) or 0 (off), or unset it to let simmim measure")
+        raise ValueError(f"{name}={value!r}: use 1 (on) or 0 (off), or unset it to let simmim decide")
     return value == "1"
 
 
@@ -348,46 +340,45 @@ def torch_threads(n: int) -> Iterator[None]:
 
 # ---- process set-up -----------------------------------------------------------------------------------------------
 def prepare_process() -> None:
-    """For entry points, before torch is imported: passive OpenMP waiting (unless set).
-
-    GNU OpenMP busy-waits at every barrier by default; when a DataLoader worker or another process shares the cores, a
-    descheduled thread holds all others up at each of a step's thousands of parallel regions: CPU training steps ran
-    20-50x slower (benchmarks/RESULTS.md). libgomp reads the policy once, when torch loads it."""
+    """For entry points, before torch loads: passive OpenMP waiting (unless set; GNU OpenMP's busy-waiting made CPU
+    steps 20-50x slower whenever a loader worker shared the cores), :func:`keep_freed_memory`. A bad ``SIMMIM_*``
+    switch ends the process here with one ``error:`` line (exit 2)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        for name in SWITCHES:
+            _switch(name)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    keep_freed_memory()
 
 
-def log_to_stderr(level: int = logging.INFO) -> None:
-    """Show simmim's log (these decisions among it) on stderr; below warnings, from the first process only."""
-    logger = logging.getLogger("simmim")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.addFilter(_first_process_or_warning)
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(level)
+# glibc's mallopt parameters: M_MMAP_THRESHOLD (32 MiB, glibc's maximum), M_TRIM_THRESHOLD, M_TOP_PAD
+_MALLOPT, _MALLOC = ((-3, 32 << 20), (-1, 16 << 30), (-2, 1 << 30)), None
 
 
-class _Stderr(logging.StreamHandler):
-    """A handler on whatever ``sys.stderr`` is when a line is logged (not the one it was made with, which a caller
-    such as a test runner's capture may have closed since)."""
+def keep_freed_memory() -> str:
+    """glibc malloc keeps freed memory for reuse (decided once; returns the decision for the log). glibc's default
+    maps large blocks afresh and returns them when freed: every large temporary of a CPU step page-faults in again,
+    a quarter of a step on the AVX2 EPYC of benchmarks/RESULTS.md. Costs: the process keeps its peak heap. Off with
+    ``SIMMIM_KEEP_FREED_MEMORY=0``, where the environment sets malloc (``MALLOC_*``, ``GLIBC_TUNABLES``,
+    ``LD_PRELOAD``) and off glibc."""
+    global _MALLOC
+    if _MALLOC is None:
+        own = sorted(k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))
+        if _switch("SIMMIM_KEEP_FREED_MEMORY") is False:
+            _MALLOC = "as the C library sets it (SIMMIM_KEEP_FREED_MEMORY=0)"
+        elif own:
+            _MALLOC = f"as the environment sets it ({', '.join(own)})"
+        elif platform.libc_ver()[0] != "glibc":
+            _MALLOC = "as the C library sets it (not glibc)"
+        else:
+            import ctypes
 
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _first_process_or_warning(record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.WARNING:
-        return True
-    # Lightning's rank, asked when a line is logged: importing it costs seconds a refused command line need not pay
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
+            ok = all(ctypes.CDLL(None).mallopt(param, value) == 1 for param, value in _MALLOPT)
+            how = "glibc: mmap threshold 32 MiB, trim threshold 16 GiB, top pad 1 GiB"
+            _MALLOC = f"keeps freed memory for reuse ({how})" if ok else "as the C library sets it (mallopt refused)"
+    return _MALLOC
 
 
 def summary(**decisions: Any) -> dict[str, Any]:
@@ -397,4 +388,6 @@ def summary(**decisions: Any) -> dict[str, Any]:
         out[key] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
     if _FAST is not None:
         out["fast_paths"] = dict(_FAST.reasons)
+    if _MALLOC is not None:
+        out["malloc"] = _MALLOC
     return out

@@ -183,7 +183,7 @@ def command_line(kind: str, argv: Sequence[str] | None) -> int:
         print(f"Every key, its default and what it does (recipes/{kind}/_base.yaml):\n")
         print(base_text(kind))
         return EXIT_OK
-    runtime.log_to_stderr(logging.WARNING if flags & {"--quiet", "-q"} else logging.INFO)
+    _log_to_stderr(logging.WARNING if flags & {"--quiet", "-q"} else logging.INFO)
     show_bad_images_plainly()
     multirun = bool(flags & {"--multirun", "-m"})
 
@@ -209,3 +209,37 @@ def command_line(kind: str, argv: Sequence[str] | None) -> int:
         return EXIT_OK
 
     return cli_main(body)
+
+
+def _log_to_stderr(level: int = logging.INFO) -> None:
+    """Show simmim's log (the hardware decisions among it) on stderr; below warnings, from the first process only."""
+    logger = logging.getLogger("simmim")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_first_process_or_warning)
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is logged (not the one it was made with, which a caller
+    such as a test runner's capture may have closed since)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _first_process_or_warning(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+        return True
+    # Lightning's rank, asked when a line is logged: importing it costs seconds a refused command line need not pay
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
