@@ -10,8 +10,9 @@
 One step = forward (optionally under CPU bf16 autocast), cross-entropy on 1000 classes, backward, AdamW step
 (with --inference: the forward pass alone, in eval mode under inference_mode).
 Rounds alternate the order of the two models so background load hits both alike; the table reports the
-median step. MFU = model FLOPs (matrix products counted by torch's FlopCounterMode on the timm step) per second
-over the measured peak of a large matmul in the same dtype on this machine. The header names the CPU class
+median step, and the range of the rounds' own ratios (wide: a noisy machine, rerun with more rounds). MFU = model
+FLOPs (matrix products counted by torch's FlopCounterMode on the timm step) per second over the measured peak of a
+large matmul in the same dtype on this machine. The header names the CPU class
 (:func:`simmim.runtime.describe`); bf16 rows are left out on CPUs without native bf16 unless ``--dtypes`` asks.
 """
 
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if note:
         print(f"# {note}")
-    print("| dtype | ours img/s | timm img/s | ours / timm | ours MFU | timm MFU | matmul peak GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | ours img/s | timm img/s | ours / timm | per round | ours MFU | timm MFU | matmul peak GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in dtypes:
         bf16 = name == "bf16"
         steps = {
@@ -101,12 +102,15 @@ def main(argv: list[str] | None = None) -> None:
                 fn()
                 print(f"# {key} {name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, clock=args.clock)
-        sec = interleaved(steps, rounds=args.rounds, steps=args.steps, clock=args.clock)
+        rounds: dict[str, list[float]] = {}
+        sec = interleaved(steps, rounds=args.rounds, steps=args.steps, clock=args.clock, per_round=rounds)
         ips = {k: args.batch / v for k, v in sec.items()}
         mfu = {k: flops[name] / v / peak for k, v in sec.items()}
+        # each round's ratio (the two steps timed back to back): how far one round's noise moves the median's
+        ratios = [t / o for o, t in zip(rounds["ours"], rounds["timm"])]
         print(
             f"| {name} | {ips['ours']:.2f} | {ips['timm']:.2f} | {sec['timm'] / sec['ours']:.2f}x | "
-            f"{mfu['ours']:.0%} | {mfu['timm']:.0%} | {peak / 1e9:.0f} |",
+            f"{min(ratios):.2f}-{max(ratios):.2f}x | {mfu['ours']:.0%} | {mfu['timm']:.0%} | {peak / 1e9:.0f} |",
             flush=True,
         )
     kind = "fwd" if args.inference else "fwd+bwd"

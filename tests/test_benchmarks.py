@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their tables (tiny geometry; the numbers themselves are not checked), with the
 CPU class in the header and bf16 rows only where this CPU has native bf16 (or when asked)."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def test_encoder_benchmark(capsys, extra):
     rows = [line for line in out.splitlines() if line.startswith(("| fp32 |", "| bf16 |"))]
     native = runtime.machine().native_bf16
     assert len(rows) == (2 if native else 1), out
+    assert all(re.search(r"\| \d+\.\d\d-\d+\.\d\dx \|", row) for row in rows), out  # the rounds' ratio range
     assert runtime.describe() in out and ("bf16 rows skipped" in out) != native
     assert ("inference (forward only)" in out) == bool(extra)
 
