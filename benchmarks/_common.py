@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +38,19 @@ def step_arguments(description: str, rounds: int) -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median reported)")
     return ap
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc keeps freed memory for reuse instead of returning it to the OS (mmap threshold 32 MiB, trim
+    threshold 16 GiB, top pad 1 GiB: as ``MALLOC_MMAP_THRESHOLD_`` etc. would), so a step's large temporaries do
+    not page-fault afresh on every step."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as err:
+        raise SystemExit(f"--keep-freed-memory needs glibc (Linux): {err}") from None
+    for param, value in ((-3, 32 << 20), (-1, 16 << 30), (-2, 1 << 30)):  # M_MMAP_THRESHOLD, M_TRIM_, M_TOP_PAD
+        if libc.mallopt(param, value) != 1:
+            raise RuntimeError(f"mallopt({param}, {value}) failed")
 
 
 def make_train_step(

@@ -3,10 +3,10 @@
 Importing this module does nothing (it does not import torch): each decision is made on first use from the machine's
 measured capability (never from an architecture's name; measurements in :mod:`simmim.calibration`), and logged once.
 :func:`resolve_precision` (``auto``), :func:`fast_paths` (our CPU kernels; :func:`reference_kernels` turns them off
-inside a block), :func:`plan_threads`, :func:`prepare_process` (OpenMP wait policy and malloc, before torch loads).
+inside a block), :func:`plan_threads`, :func:`prepare_process` (the OpenMP wait policy, before torch loads).
 
-Switches (read when a decision is made): ``SIMMIM_ONEDNN_LINEAR=0|1``, ``SIMMIM_CPU_ATTENTION=0``,
-``SIMMIM_KEEP_FREED_MEMORY=0``, ``SIMMIM_CACHE_DIR`` (default ``~/.cache/simmim``). ``ONEDNN_MAX_CPU_ISA``,
+Switches (read when a decision is made, checked by :func:`prepare_process`): ``SIMMIM_ONEDNN_LINEAR=0|1``,
+``SIMMIM_CPU_ATTENTION=0``, ``SIMMIM_CACHE_DIR`` (default ``~/.cache/simmim``). ``ONEDNN_MAX_CPU_ISA``,
 ``ATEN_CPU_CAPABILITY`` and ``MKL_ENABLE_INSTRUCTIONS`` imitate a lesser CPU; every decision honours them.
 """
 
@@ -38,14 +38,13 @@ __all__ = [
     "overridden",
     "plan_threads",
     "prepare_process",
-    "keep_freed_memory",
     "summary",
 ]
 
 log = logging.getLogger("simmim.runtime")
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
-SWITCHES = ("SIMMIM_ONEDNN_LINEAR", "SIMMIM_CPU_ATTENTION", "SIMMIM_KEEP_FREED_MEMORY")  # each 0 or 1, else unset
+SWITCHES = ("SIMMIM_ONEDNN_LINEAR", "SIMMIM_CPU_ATTENTION")  # each 0 or 1, else unset
 IMITATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 # float32 linears go to oneDNN only when the calibration measured them at least this much faster than F.linear
 ONEDNN_MIN_SPEEDUP = 1.15
@@ -341,8 +340,8 @@ def torch_threads(n: int) -> Iterator[None]:
 # ---- process set-up -----------------------------------------------------------------------------------------------
 def prepare_process() -> None:
     """For entry points, before torch loads: passive OpenMP waiting (unless set; GNU OpenMP's busy-waiting made CPU
-    steps 20-50x slower whenever a loader worker shared the cores), :func:`keep_freed_memory`. A bad ``SIMMIM_*``
-    switch ends the process here with one ``error:`` line (exit 2)."""
+    steps 20-50x slower whenever a loader worker shared the cores). A bad ``SIMMIM_*`` switch ends the process here
+    with one ``error:`` line (exit 2), before any work."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         for name in SWITCHES:
@@ -350,35 +349,6 @@ def prepare_process() -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    keep_freed_memory()
-
-
-# glibc's mallopt parameters: M_MMAP_THRESHOLD (32 MiB, glibc's maximum), M_TRIM_THRESHOLD, M_TOP_PAD
-_MALLOPT, _MALLOC = ((-3, 32 << 20), (-1, 16 << 30), (-2, 1 << 30)), None
-
-
-def keep_freed_memory() -> str:
-    """glibc malloc keeps freed memory for reuse (decided once; returns the decision for the log). glibc's default
-    maps large blocks afresh and returns them when freed: every large temporary of a CPU step page-faults in again,
-    a quarter of a step on the AVX2 EPYC of benchmarks/RESULTS.md. Costs: the process keeps its peak heap. Off with
-    ``SIMMIM_KEEP_FREED_MEMORY=0``, where the environment sets malloc (``MALLOC_*``, ``GLIBC_TUNABLES``,
-    ``LD_PRELOAD``) and off glibc."""
-    global _MALLOC
-    if _MALLOC is None:
-        own = sorted(k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))
-        if _switch("SIMMIM_KEEP_FREED_MEMORY") is False:
-            _MALLOC = "as the C library sets it (SIMMIM_KEEP_FREED_MEMORY=0)"
-        elif own:
-            _MALLOC = f"as the environment sets it ({', '.join(own)})"
-        elif platform.libc_ver()[0] != "glibc":
-            _MALLOC = "as the C library sets it (not glibc)"
-        else:
-            import ctypes
-
-            ok = all(ctypes.CDLL(None).mallopt(param, value) == 1 for param, value in _MALLOPT)
-            how = "glibc: mmap threshold 32 MiB, trim threshold 16 GiB, top pad 1 GiB"
-            _MALLOC = f"keeps freed memory for reuse ({how})" if ok else "as the C library sets it (mallopt refused)"
-    return _MALLOC
 
 
 def summary(**decisions: Any) -> dict[str, Any]:
@@ -388,6 +358,4 @@ def summary(**decisions: Any) -> dict[str, Any]:
         out[key] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
     if _FAST is not None:
         out["fast_paths"] = dict(_FAST.reasons)
-    if _MALLOC is not None:
-        out["malloc"] = _MALLOC
     return out

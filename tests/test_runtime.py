@@ -117,37 +117,6 @@ def test_describe_names_the_cpu_class():
     assert ("native bf16 yes" if m.native_bf16 else "native bf16 no") in text
 
 
-_FREED = (
-    "import os\n"
-    "from simmim import runtime\n"
-    "runtime.prepare_process()\n"
-    "import torch\n"
-    "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20\n"
-    "x = torch.ones(6 << 20); before = rss(); del x\n"  # 24 MiB touched, then freed
-    "print(runtime.keep_freed_memory(), before - rss(), sep='|')\n"
-)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
-@pytest.mark.parametrize(
-    "env, decision, kept",
-    [
-        ({}, "keeps freed memory for reuse (glibc", True),
-        ({"SIMMIM_KEEP_FREED_MEMORY": "0"}, "as the C library sets it (SIMMIM_KEEP_FREED_MEMORY=0)", False),
-        ({"MALLOC_ARENA_MAX": "2"}, "as the environment sets it (MALLOC_ARENA_MAX)", False),
-    ],
-)
-def test_entry_points_keep_freed_memory_unless_told_otherwise(env, decision, kept):
-    """A freed 24 MiB tensor stays in the process for the next step's temporaries (no page faults), unless switched
-    off or the environment sets malloc itself."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SIMMIM_KEEP"))} | env
-    res = subprocess.run([sys.executable, "-c", _FREED], capture_output=True, text=True, env=full, timeout=120)
-    assert res.returncode == 0, res.stderr
-    said, released_mib = res.stdout.strip().split("|")
-    assert said.startswith(decision)
-    assert (int(released_mib) < 4) == kept, res.stdout  # glibc's default returns the mapping: ~24 MiB
-
-
 @pytest.mark.parametrize("switch", runtime.SWITCHES)
 def test_a_bad_switch_value_is_one_error_line_before_any_work(switch):
     env = {**os.environ, switch: "no"}

@@ -146,7 +146,6 @@ class RunRuntime:
         log.info("threads: %d (%s)", self.threads.threads, self.threads.reason)
         for key, reason in runtime.fast_paths().reasons.items():
             log.info("%s: %s", key, reason)
-        log.info("malloc: %s", runtime.keep_freed_memory())
         if self.precision.warning:
             warnings.warn(self.precision.warning, stacklevel=2)
 
