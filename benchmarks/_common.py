@@ -123,16 +123,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, clock: 
     return 2 * n**3 / best
 
 
-def interleaved(
-    fns: dict[str, Callable[[], None]],
-    rounds: int,
-    steps: int,
-    warmup: int = 1,
-    clock: str = "wall",
-    per_round: dict[str, list[float]] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call for each function, timed in alternating rounds so background load hits all alike
-    (``per_round``, when given, receives every round's seconds per call).
+def interleaved_rounds(
+    fns: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, list[float]]:
+    """Every round's seconds per call for each function, timed in alternating rounds so background load hits all
+    alike.
 
     ``clock="cpu"`` measures this process's CPU time instead of wall time: with one thread it is immune to other
     processes sharing the cores (with several threads it also counts OpenMP spin-waiting)."""
@@ -148,6 +143,11 @@ def interleaved(
             for _ in range(steps):
                 fns[name]()
             times[name].append((now() - t) / steps)
-    if per_round is not None:
-        per_round.update(times)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, float]:
+    """Median seconds per call for each function over :func:`interleaved_rounds`."""
+    return {k: statistics.median(v) for k, v in interleaved_rounds(fns, rounds, steps, warmup, clock).items()}

@@ -18,6 +18,7 @@ large matmul in the same dtype on this machine. The header names the CPU class
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (  # noqa: E402
     bf16_rows,
     build_pair,
-    interleaved,
+    interleaved_rounds,
     keep_freed_memory,
     make_inference_step,
     make_train_step,
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 fn()
                 print(f"# {key} {name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, clock=args.clock)
-        rounds: dict[str, list[float]] = {}
-        sec = interleaved(steps, rounds=args.rounds, steps=args.steps, clock=args.clock, per_round=rounds)
+        rounds = interleaved_rounds(steps, rounds=args.rounds, steps=args.steps, clock=args.clock)
+        sec = {k: statistics.median(v) for k, v in rounds.items()}
         ips = {k: args.batch / v for k, v in sec.items()}
         mfu = {k: flops[name] / v / peak for k, v in sec.items()}
         # each round's ratio (the two steps timed back to back): how far one round's noise moves the median's
